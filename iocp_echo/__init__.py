@@ -1,0 +1,47 @@
+"""iocp_echo: completion-port TCP servers on asyncio, led by an asynchronous echo server.
+
+>>> import iocp_echo
+>>> async def main():
+...     async with await iocp_echo.serve_echo("127.0.0.1", 0) as server:
+...         await server.serve_forever()
+>>> iocp_echo.run(main())  # doctest: +SKIP
+"""
+
+from .errors import (
+    AddressInUseError,
+    InvalidPortError,
+    IocpEchoError,
+    ProactorRequiredError,
+    UnsupportedPlatformError,
+)
+from .introspection import (
+    IntrospectionUnavailable,
+    PendingOperation,
+    pending_operations,
+    pending_operations_threadsafe,
+)
+from .loops import backend_name, new_event_loop, run
+from .protocol import DEFAULT_MAX_READ, EchoProtocol
+from .server import EchoServer, ServerStats, serve_echo
+
+__all__ = [
+    "DEFAULT_MAX_READ",
+    "AddressInUseError",
+    "EchoProtocol",
+    "EchoServer",
+    "IntrospectionUnavailable",
+    "InvalidPortError",
+    "IocpEchoError",
+    "PendingOperation",
+    "ProactorRequiredError",
+    "ServerStats",
+    "UnsupportedPlatformError",
+    "backend_name",
+    "new_event_loop",
+    "pending_operations",
+    "pending_operations_threadsafe",
+    "run",
+    "serve_echo",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,65 @@
+"""The one seam between the echo logic and the operating system.
+
+Everything that differs between completion backends (how to make the loop, how to issue an
+accept, which accept errors are per-connection, how to reserve a port) is reached through
+:func:`backend`.  The server and protocol modules never look at ``sys.platform``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from types import ModuleType
+from typing import Any, Protocol, cast
+
+from .errors import ProactorRequiredError, UnsupportedPlatformError
+
+__all__ = ["Backend", "backend", "require_proactor"]
+
+
+class Backend(Protocol):
+    NAME: str
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop: ...
+
+    def prepare_listener(self, sock: socket.socket) -> None: ...
+
+    def is_transient_accept_error(self, exc: OSError) -> bool: ...
+
+    def accept(
+        self, loop: asyncio.AbstractEventLoop, listener: socket.socket
+    ) -> asyncio.Future[tuple[socket.socket, Any]]: ...
+
+
+def backend(platform: str = sys.platform) -> Backend:
+    """The completion backend for *platform*, or :class:`UnsupportedPlatformError`."""
+    module: ModuleType
+    if platform == "win32":
+        from . import _iocp as module
+    elif platform.startswith("linux"):
+        raise UnsupportedPlatformError(
+            "iocp_echo has no completion backend on Linux yet: I/O completion ports exist only "
+            "on Windows. Run it on Windows, or on Linux under Wine with Windows CPython: "
+            "python tools/winpy.py --python 3.13 examples/echo.py"
+        )
+    else:
+        raise UnsupportedPlatformError(
+            f"iocp_echo has no completion backend for {platform!r}: it needs Windows I/O "
+            "completion ports. Run it on Windows (or under Wine with Windows CPython: "
+            "python tools/winpy.py --python 3.13 examples/echo.py)."
+        )
+    return cast(Backend, module)
+
+
+def require_proactor(loop: asyncio.AbstractEventLoop) -> None:
+    """Refuse any loop that is not completion-based, before a socket is opened."""
+    if isinstance(loop, asyncio.proactor_events.BaseProactorEventLoop):
+        return
+    kind = f"{type(loop).__module__}.{type(loop).__qualname__}"
+    raise ProactorRequiredError(
+        f"iocp_echo needs a proactor (completion-based) event loop, but the running loop is "
+        f"{kind}. Start your program with iocp_echo.run(main()), or create its loop with "
+        f"iocp_echo.new_event_loop() (asyncio.ProactorEventLoop on Windows; remove any "
+        f"WindowsSelectorEventLoopPolicy or third-party loop policy)."
+    )

@@ -1,0 +1,170 @@
+"""Every use of CPython's private asyncio internals, in one place.
+
+CPython's proactor records no kind, size or start time for an overlapped operation, gives the
+socket transport no public read-size knob, and has no public way to issue an ``AcceptEx`` whose
+failure does not take the listening socket down (gh-93821).  The pieces iocp_echo needs are
+therefore reached through private names that have been stable from 3.4 to 3.13:
+
+* ``BaseProactorEventLoop._proactor``; ``IocpProactor._register_with_iocp()``,
+  ``IocpProactor._register()`` and ``IocpProactor._cache`` (``ov.address -> (future, ov, obj,
+  callback)``), read-only: an entry is never removed or touched here, because freeing a pending
+  ``OVERLAPPED`` lets the kernel write into freed memory (gh-116773);
+* ``_ProactorReadPipeTransport._data`` (the read buffer, 3.10+), ``_read_fut``, ``_write_fut``
+  and ``_pending_write``.
+
+Each function checks the shape it relies on and raises :class:`InternalsUnavailable` with a
+reason when it differs, so callers degrade to a public code path or report "unavailable"
+instead of crashing or guessing.  ``tests/test_private.py`` checks every one of these on each
+supported CPython.  Everything here must run on the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = [
+    "InternalsUnavailable",
+    "accept_with_iocp",
+    "capabilities",
+    "overlapped_cache",
+    "set_read_buffer_size",
+    "transport_operation",
+]
+
+
+class InternalsUnavailable(Exception):
+    """A private CPython internal iocp_echo relies on is missing or has another shape."""
+
+
+def _proactor(loop: asyncio.AbstractEventLoop) -> Any:
+    proactor = getattr(loop, "_proactor", None)
+    if proactor is None:
+        raise InternalsUnavailable(
+            f"{type(loop).__name__} has no _proactor (not a proactor loop, or already closed)"
+        )
+    return proactor
+
+
+def overlapped_cache(
+    loop: asyncio.AbstractEventLoop,
+) -> list[tuple[asyncio.Future[Any], Any, Any, str]]:
+    """Snapshot ``IocpProactor._cache`` as ``(future, overlapped, obj, callback_name)``.
+
+    ``obj`` is the socket the operation was issued on (the listener for an accept), or ``0``
+    for a handle wait.  The snapshot is a copy: the cache itself is never modified.
+    """
+    cache = getattr(_proactor(loop), "_cache", None)
+    if not isinstance(cache, dict):
+        raise InternalsUnavailable("IocpProactor._cache is missing or not a dict")
+    snapshot = []
+    for entry in list(cache.values()):
+        if not (isinstance(entry, tuple) and len(entry) == 4):
+            raise InternalsUnavailable(
+                "IocpProactor._cache entries are not (future, ov, obj, callback) tuples"
+            )
+        future, ov, obj, callback = entry
+        callback = getattr(callback, "func", callback)  # functools.partial in 3.13
+        snapshot.append((future, ov, obj, getattr(callback, "__name__", "?")))
+    return snapshot
+
+
+def set_read_buffer_size(transport: asyncio.BaseTransport, size: int) -> None:
+    """Make a proactor socket transport ask for at most *size* bytes per read.
+
+    CPython's transport reads with ``recv_into`` into its own ``bytearray(65536)``; replacing
+    that buffer before the first read is issued is the only way to bound the read size.  Call
+    it from ``connection_made``, which CPython schedules before the transport's first read.
+    """
+    data = getattr(transport, "_data", None)
+    if not isinstance(data, bytearray):
+        raise InternalsUnavailable("the proactor transport has no bytearray _data read buffer")
+    if getattr(transport, "_read_fut", None) is not None:
+        raise InternalsUnavailable("the transport's first read was already issued")
+    transport._data = bytearray(size)  # type: ignore[attr-defined]
+
+
+def transport_operation(
+    transport: asyncio.BaseTransport, future: asyncio.Future[Any]
+) -> tuple[str, int] | None:
+    """``("recv", size)`` or ``("send", size)`` when *future* is the transport's own read or
+    write in flight; ``None`` when it is neither."""
+    if getattr(transport, "_read_fut", None) is future:
+        data = getattr(transport, "_data", None)
+        return "recv", len(data) if data is not None else 0
+    if getattr(transport, "_write_fut", None) is future:
+        pending = getattr(transport, "_pending_write", 0)
+        return "send", pending if isinstance(pending, int) else 0
+    return None
+
+
+def accept_with_iocp(
+    loop: asyncio.AbstractEventLoop, listener: socket.socket
+) -> asyncio.Future[tuple[socket.socket, Any]]:
+    """Issue one ``AcceptEx`` on *listener* through the loop's ``IocpProactor``.
+
+    Unlike ``IocpProactor.accept()`` this leaves no internal task behind whose failure asyncio
+    would report as "Task exception was never retrieved", and it closes the pre-created accept
+    socket itself on every path where the future does not hand it over.
+    """
+    import _overlapped  # type: ignore[import-not-found]  # Windows only
+
+    proactor = _proactor(loop)
+    register_with_iocp: Callable[[Any], None] | None = getattr(proactor, "_register_with_iocp", None)
+    register: Callable[..., asyncio.Future[Any]] | None = getattr(proactor, "_register", None)
+    if register_with_iocp is None or register is None:
+        raise InternalsUnavailable("IocpProactor has no _register_with_iocp/_register")
+
+    register_with_iocp(listener)
+    conn = socket.socket(listener.family, socket.SOCK_STREAM)
+    try:
+        conn.setblocking(False)
+        ov = _overlapped.Overlapped(_overlapped.NULL)
+        ov.AcceptEx(listener.fileno(), conn.fileno())
+    except BaseException:
+        conn.close()
+        raise
+
+    def finish_accept(transferred: Any, key: Any, ov: Any) -> tuple[socket.socket, Any]:
+        ov.getresult()
+        # Without SO_UPDATE_ACCEPT_CONTEXT, getpeername() and shutdown() fail on the socket.
+        conn.setsockopt(
+            socket.SOL_SOCKET,
+            _overlapped.SO_UPDATE_ACCEPT_CONTEXT,
+            struct.pack("@P", listener.fileno()),
+        )
+        return conn, conn.getpeername()
+
+    future: asyncio.Future[tuple[socket.socket, Any]] = register(ov, listener, finish_accept)
+
+    def close_unless_accepted(future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            conn.close()
+
+    future.add_done_callback(close_unless_accepted)
+    return future
+
+
+def capabilities(loop: asyncio.AbstractEventLoop) -> dict[str, str | None]:
+    """Which internals are usable on *loop*: name -> ``None`` if usable, else the reason."""
+    report: dict[str, str | None] = {}
+    try:
+        overlapped_cache(loop)
+        report["overlapped_cache"] = None
+    except InternalsUnavailable as exc:
+        report["overlapped_cache"] = str(exc)
+    try:
+        proactor = _proactor(loop)
+        ok = callable(getattr(proactor, "_register", None)) and callable(
+            getattr(proactor, "_register_with_iocp", None)
+        )
+        report["accept_with_iocp"] = (
+            None if ok and sys.platform == "win32" else "IocpProactor._register is unavailable"
+        )
+    except InternalsUnavailable as exc:
+        report["accept_with_iocp"] = str(exc)
+    return report

@@ -1,0 +1,187 @@
+"""What the completion port is waiting on right now.
+
+The proactor's cache of in-flight ``OVERLAPPED`` operations is the only authority on what is
+pending; it records no kind, size or start time.  This module joins that cache (read through
+:mod:`iocp_echo._private`) with what iocp_echo knows itself: the operations it issued (kind,
+size, start time recorded at issue), the transports it owns (their read and write futures), and
+the loop's own self-pipe read.  What nobody recorded is classified by the proactor callback's
+name, and its start time is when it was first seen.
+
+Call these on the loop's thread; from another thread use :func:`pending_operations_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import socket
+import time
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from . import _private
+
+__all__ = [
+    "IntrospectionUnavailable",
+    "PendingOperation",
+    "pending_operations",
+    "pending_operations_threadsafe",
+]
+
+Kind = Literal["accept", "recv", "send", "connect", "sendfile", "wakeup", "wait", "unknown"]
+State = Literal["pending", "cancelling", "completing"]
+
+
+class IntrospectionUnavailable(RuntimeError):
+    """The proactor's internals are not what this version of iocp_echo knows how to read."""
+
+
+@dataclass(frozen=True)
+class PendingOperation:
+    """One overlapped operation the completion port has not yet reported as dequeued.
+
+    ``state`` is ``"pending"`` while the kernel works on it, ``"cancelling"`` after a cancel was
+    issued, and ``"completing"`` when it finished but its packet is not yet dequeued.
+    ``nbytes`` is the size requested (reads) or being sent (writes); 0 for an accept.
+    ``started`` is a ``time.monotonic()`` value and ``age`` is seconds since then.
+    """
+
+    kind: Kind
+    state: State
+    fileno: int | None
+    local: Any
+    peer: Any
+    nbytes: int | None
+    started: float
+    age: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "state": self.state, "fileno": self.fileno,
+            "local": _jsonable(self.local), "peer": _jsonable(self.peer),
+            "nbytes": self.nbytes, "started": self.started, "age": self.age,
+        }
+
+
+#: Operations iocp_echo issued itself: future -> (kind, nbytes, started).
+_issued: weakref.WeakKeyDictionary[asyncio.Future[Any], tuple[Kind, int, float]] = (
+    weakref.WeakKeyDictionary()
+)
+#: When an operation nobody recorded was first seen.
+_first_seen: weakref.WeakKeyDictionary[asyncio.Future[Any], float] = weakref.WeakKeyDictionary()
+
+_KIND_BY_CALLBACK: dict[str, Kind] = {
+    "finish_accept": "accept",
+    "finish_accept_pipe": "accept",
+    "finish_connect": "connect",
+    "finish_connect_pipe": "connect",
+    "finish_recv": "recv",
+    "_finish_recvfrom": "recv",
+    "finish_send": "send",
+    "finish_sendfile": "sendfile",
+    "finish_wait_for_handle": "wait",
+    # 3.12+: one callback for recv, send and sendfile alike; it cannot tell them apart.
+    "finish_socket_func": "unknown",
+}
+
+
+def record(future: asyncio.Future[Any], kind: Kind, nbytes: int) -> None:
+    """Remember what an operation iocp_echo just issued is."""
+    _issued[future] = (kind, nbytes, time.monotonic())
+
+
+def pending_operations(
+    loop: asyncio.AbstractEventLoop | None = None,
+    *,
+    sockets: Iterable[socket.socket] | None = None,
+    transports: Mapping[int, asyncio.BaseTransport] | None = None,
+) -> list[PendingOperation]:
+    """Every operation the loop's proactor has in flight, oldest first.
+
+    *sockets* restricts the answer to operations issued on those sockets; *transports* maps
+    ``id(socket)`` to the transport that owns it, so its reads and writes are recognised.
+    Raises :class:`IntrospectionUnavailable`, with the reason, when the internals differ.
+    """
+    if loop is None:
+        loop = asyncio.get_running_loop()
+    try:
+        entries = _private.overlapped_cache(loop)
+    except _private.InternalsUnavailable as exc:
+        raise IntrospectionUnavailable(str(exc)) from None
+    wanted = None if sockets is None else {id(s) for s in sockets}
+    transports = transports or {}
+    self_pipe = getattr(loop, "_ssock", None)
+    now = time.monotonic()
+    operations = []
+    for future, _ov, obj, callback_name in entries:
+        if wanted is not None and id(obj) not in wanted:
+            continue
+        kind: Kind
+        nbytes: int | None
+        issued = _issued.get(future)
+        transport_op = None
+        transport = transports.get(id(obj))
+        if transport is not None:
+            transport_op = _private.transport_operation(transport, future)
+        if issued is not None:
+            kind, nbytes, started = issued
+        else:
+            started = _first_seen.setdefault(future, now)
+            if transport_op is not None:
+                kind, nbytes = transport_op  # type: ignore[assignment]
+            elif obj is self_pipe and self_pipe is not None:
+                kind, nbytes = "wakeup", 4096  # the loop reads its self-pipe 4 KiB at a time
+            else:
+                kind, nbytes = _KIND_BY_CALLBACK.get(callback_name, "unknown"), None
+        if future.cancelled():
+            state: State = "cancelling"
+        elif future.done():
+            state = "completing"
+        else:
+            state = "pending"
+        fileno, local, peer = _describe(obj)
+        operations.append(
+            PendingOperation(kind, state, fileno, local, peer, nbytes, started, now - started)
+        )
+    operations.sort(key=lambda op: op.started)
+    return operations
+
+
+def pending_operations_threadsafe(
+    loop: asyncio.AbstractEventLoop, timeout: float | None = 5.0
+) -> list[PendingOperation]:
+    """:func:`pending_operations` asked from another thread: it runs on *loop*'s thread."""
+    result: concurrent.futures.Future[list[PendingOperation]] = concurrent.futures.Future()
+
+    def collect() -> None:
+        try:
+            result.set_result(pending_operations(loop))
+        except BaseException as exc:
+            result.set_exception(exc)
+
+    loop.call_soon_threadsafe(collect)
+    return result.result(timeout)
+
+
+def _describe(obj: Any) -> tuple[int | None, Any, Any]:
+    if not isinstance(obj, socket.socket):
+        return None, None, None
+    fileno = obj.fileno()
+    if fileno == -1:
+        return None, None, None
+    local = peer = None
+    try:
+        local = obj.getsockname()
+    except OSError:
+        pass
+    try:
+        peer = obj.getpeername()
+    except OSError:
+        pass  # a listener, or a connection the peer already reset
+    return fileno, local, peer
+
+
+def _jsonable(address: Any) -> Any:
+    return list(address) if isinstance(address, tuple) else address
