@@ -40,6 +40,7 @@ TRANSIENT_ACCEPT_ERRORS = frozenset({
     1236,   # ERROR_CONNECTION_ABORTED
     10053,  # WSAECONNABORTED
     10054,  # WSAECONNRESET
+    10057,  # WSAENOTCONN: getpeername() on a connection reset before the accept finished
     10060,  # WSAETIMEDOUT
 })
 

@@ -86,7 +86,9 @@ class EchoProtocol(asyncio.Protocol):
             )
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.peer = transport.get_extra_info("peername")
+        # The transport asks getpeername(), which fails once the peer has reset; the address
+        # the accept returned (set by the server) is then the better answer.
+        self.peer = transport.get_extra_info("peername") or self.peer
         self._loop = asyncio.get_running_loop()
         self._last_activity = self._loop.time()
         try:

@@ -50,6 +50,7 @@ class ServerStats:
     open_connections: int
     total_connections: int
     refused_connections: int
+    failed_accepts: int
     bytes_received: int
     bytes_sent: int
     bytes_unsent: int
@@ -198,6 +199,7 @@ class EchoServer:
         self._shutdown_task: asyncio.Task[None] | None = None
         self._total = 0
         self._refused = 0
+        self._failed_accepts = 0
         self._closed_bytes_in = 0
         self._closed_bytes_out = 0
         self._errors: Counter[str] = Counter()
@@ -235,6 +237,7 @@ class EchoServer:
             open_connections=len(connections),
             total_connections=self._total,
             refused_connections=self._refused,
+            failed_accepts=self._failed_accepts,
             bytes_received=self._closed_bytes_in + sum(c.bytes_received for c in connections),
             bytes_sent=self._closed_bytes_out + sum(c.bytes_sent for c in connections),
             bytes_unsent=sum(c.bytes_unsent for c in connections),
@@ -330,6 +333,7 @@ class EchoServer:
                 if self._closing:
                     return
                 self._errors[type(exc).__name__] += 1
+                self._failed_accepts += 1
                 if self._backend.is_transient_accept_error(exc):
                     logger.warning(
                         "accept on %s failed: the client went away before it completed: %s "
@@ -343,10 +347,11 @@ class EchoServer:
                 )
                 await asyncio.sleep(ACCEPT_ERROR_BACKOFF)
                 continue
-            except Exception:
+            except Exception as exc:
                 if self._closing:
                     return
-                self._errors["accept"] += 1
+                self._errors[type(exc).__name__] += 1
+                self._failed_accepts += 1
                 logger.exception("unexpected error while accepting; still accepting")
                 await asyncio.sleep(ACCEPT_ERROR_BACKOFF)
                 continue

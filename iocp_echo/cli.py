@@ -1,0 +1,122 @@
+"""The ``iocp-echo`` command: ``python -m iocp_echo``, ``python examples/echo.py``, ``iocp-echo``.
+
+Exit status: 0 after a graceful shutdown (Ctrl-C, or Ctrl-Break on Windows); 1 when the server
+cannot start (invalid port, port in use, unsupported platform), with one line saying why; 2 for
+a malformed command line, with argparse's message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from . import loops
+from .errors import IocpEchoError
+from .protocol import _format_peer
+from .server import DEFAULT_HOST, DEFAULT_PORT, _validate_port, serve_echo
+
+__all__ = ["build_parser", "main"]
+
+PROG = "iocp-echo"
+
+
+def _positive(kind: type[int] | type[float]) -> object:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Asynchronous TCP echo server on completion-port I/O (Windows IOCP through "
+            "asyncio's ProactorEventLoop). Every byte a client sends is sent back, in order. "
+            "Stop it with Ctrl-C (or Ctrl-Break on Windows)."
+        ),
+        epilog=(
+            "exit status: 0 after a graceful shutdown, 1 when the server cannot start (invalid "
+            "port, port in use, unsupported platform), 2 for a bad command line"
+        ),
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help="TCP port, 1024-65535, or 0 for any free port (default: %(default)s)")
+    parser.add_argument("--max-connections", type=_positive(int), metavar="N",
+                        help="close connections beyond N open ones at once (default: no limit)")
+    parser.add_argument("--idle-timeout", type=_positive(float), metavar="SECONDS",
+                        help="close a connection with no traffic for SECONDS (default: never)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log verbosity; DEBUG shows every connection (default: %(default)s)")
+    return parser
+
+
+async def _serve(options: argparse.Namespace) -> None:
+    async with await serve_echo(
+        options.host,
+        options.port,
+        max_connections=options.max_connections,
+        idle_timeout=options.idle_timeout,
+    ) as server:
+        _stop_on_break(server.close)
+        print(
+            f"{PROG}: listening on {_format_peer((server.host, server.port))} "
+            f"(backend: {server.backend_name})",
+            flush=True,
+        )
+        await server.serve_forever()
+
+
+def _stop_on_break(stop: object) -> None:
+    """Ctrl-Break on Windows (SIGBREAK) and SIGTERM elsewhere stop the server gracefully.
+
+    Ctrl-C needs nothing here: ``asyncio.Runner`` turns SIGINT into cancelling the main task,
+    and ``serve_forever()`` closes the server when cancelled.
+    """
+    loop = asyncio.get_running_loop()
+    assert callable(stop)
+
+    def handler(signum: int, frame: object) -> None:
+        loop.call_soon_threadsafe(stop)
+
+    for name in ("SIGBREAK", "SIGTERM"):
+        number = getattr(signal, name, None)
+        if number is not None:
+            signal.signal(number, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=options.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        _validate_port(options.port)
+        loops.backend_name()  # refuse an unsupported platform before anything starts
+        loops.run(_serve(options))
+    except IocpEchoError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as exc:  # e.g. an address that does not exist on this machine
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    print(f"{PROG}: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,107 @@
+"""close(), wait_closed(), serve_forever(): stop accepting at once, drain, leave nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+import iocp_echo
+
+from .conftest import assert_nothing_left
+from .helpers import connect, echo, recv_exactly, recv_until_eof, wait_until
+
+pytestmark = pytest.mark.backend
+
+
+async def test_close_stops_accepting_at_once() -> None:
+    server = await iocp_echo.serve_echo("127.0.0.1", 0)
+    port = server.port
+    server.close()
+    assert not server.is_serving()
+    with pytest.raises(OSError):  # refused: the listener is gone before any await
+        await echo(port, b"x")
+    await server.wait_closed()
+    assert_nothing_left(server)
+
+
+async def test_wait_closed_lets_in_flight_echoes_finish() -> None:
+    """Echoes the server has read but not yet sent are delivered before the connection closes."""
+    server = await iocp_echo.serve_echo("127.0.0.1", 0, write_high_water=16 * 1024 * 1024)
+    loop = asyncio.get_running_loop()
+    sock = await connect(server.port)
+    payload = os.urandom(4 * 1024 * 1024)
+    await loop.sock_sendall(sock, payload)  # and do not read yet
+    await wait_until(lambda: server.stats().bytes_received == len(payload), timeout=30)
+    assert server.stats().bytes_unsent > 0  # echoes in flight: the client is not reading
+    server.close()
+    closing = asyncio.ensure_future(server.wait_closed())
+    assert await recv_until_eof(sock, timeout=60) == payload
+    await asyncio.wait_for(closing, 10)
+    sock.close()
+    assert_nothing_left(server)
+
+
+async def test_close_while_client_still_sends_delivers_an_intact_prefix() -> None:
+    """A client still sending when the server shuts down gets a prefix of its echo, never
+    corrupted or reordered bytes, then EOF or a reset; the server still closes cleanly."""
+    server = await iocp_echo.serve_echo("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    sock = await connect(server.port)
+    payload = os.urandom(4 * 1024 * 1024)
+    sender = asyncio.ensure_future(loop.sock_sendall(sock, payload))
+    await wait_until(lambda: server.stats().bytes_received > 0)
+    server.close()
+    received = bytearray()
+    try:
+        async with asyncio.timeout(60):
+            while chunk := await loop.sock_recv(sock, 65536):
+                received += chunk
+    except ConnectionError:
+        pass
+    await asyncio.wait_for(server.wait_closed(), 10)
+    sender.cancel()
+    assert received == payload[: len(received)]
+    sock.close()
+    assert_nothing_left(server)
+
+
+async def test_shutdown_timeout_aborts_a_client_that_never_reads() -> None:
+    server = await iocp_echo.serve_echo("127.0.0.1", 0, shutdown_timeout=0.5)
+    loop = asyncio.get_running_loop()
+    sock = await connect(server.port)
+    sender = asyncio.ensure_future(loop.sock_sendall(sock, os.urandom(32 * 1024 * 1024)))
+    await wait_until(lambda: server.stats().reading_paused == 1, timeout=30)
+    server.close()
+    await asyncio.wait_for(server.wait_closed(), 10)
+    assert_nothing_left(server)
+    sender.cancel()
+    sock.close()
+
+
+async def test_serve_forever_returns_on_close_and_cleans_up_on_cancel() -> None:
+    server = await iocp_echo.serve_echo("127.0.0.1", 0)
+    forever = asyncio.ensure_future(server.serve_forever())
+    assert await echo(server.port, b"hi") == b"hi"
+    forever.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await forever
+    assert_nothing_left(server)
+
+    server = await iocp_echo.serve_echo("127.0.0.1", 0)
+    forever = asyncio.ensure_future(server.serve_forever())
+    asyncio.get_running_loop().call_soon(server.close)
+    await asyncio.wait_for(forever, 10)
+    await server.wait_closed()
+    assert_nothing_left(server)
+
+
+async def test_many_open_connections_all_closed_by_shutdown() -> None:
+    async with await iocp_echo.serve_echo("127.0.0.1", 0) as server:
+        socks = [await connect(server.port) for _ in range(100)]
+        await wait_until(lambda: server.stats().open_connections == 100)
+    assert_nothing_left(server)
+    for sock in socks:
+        assert await recv_until_eof(sock, timeout=10) == b""
+        sock.close()
