@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
+import sys
+import threading
 from typing import Any
 
 from . import _private
@@ -32,23 +35,34 @@ NAME = "IOCP (asyncio ProactorEventLoop)"
 #: Errors of one pending accept that say nothing about the listener: the client went away
 #: (reset, abort, timeout) between its SYN and the accept's completion.  59 is what Wine
 #: reports where Windows reports 64; 995 is an aborted operation.
-TRANSIENT_ACCEPT_ERRORS = frozenset({
-    59,     # ERROR_UNEXP_NET_ERR (Wine, for a reset during accept)
-    64,     # ERROR_NETNAME_DELETED
-    121,    # ERROR_SEM_TIMEOUT
-    995,    # ERROR_OPERATION_ABORTED
-    1236,   # ERROR_CONNECTION_ABORTED
-    10053,  # WSAECONNABORTED
-    10054,  # WSAECONNRESET
-    10057,  # WSAENOTCONN: getpeername() on a connection reset before the accept finished
-    10060,  # WSAETIMEDOUT
-})
+TRANSIENT_ACCEPT_ERRORS = frozenset(
+    {
+        59,  # ERROR_UNEXP_NET_ERR (Wine, for a reset during accept)
+        64,  # ERROR_NETNAME_DELETED
+        121,  # ERROR_SEM_TIMEOUT
+        995,  # ERROR_OPERATION_ABORTED
+        1236,  # ERROR_CONNECTION_ABORTED
+        10053,  # WSAECONNABORTED
+        10054,  # WSAECONNRESET
+        10057,  # WSAENOTCONN: getpeername() on a connection reset before the accept finished
+        10060,  # WSAETIMEDOUT
+    }
+)
 
 _warned_fallback = False
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    return asyncio.ProactorEventLoop()
+    if sys.platform != "win32":
+        raise RuntimeError("the IOCP backend exists only on Windows")
+    loop = asyncio.ProactorEventLoop()
+    if threading.current_thread() is threading.main_thread():
+        # The loop made its self-pipe the signal wakeup fd.  A wakeup byte that cannot be
+        # written means one is already queued, so the loop wakes anyway; without this CPython
+        # prints "Exception ignored when trying to write to the signal wakeup fd" (seen under
+        # Wine when Ctrl-C lands while the loop itself writes to the pipe).
+        signal.set_wakeup_fd(signal.set_wakeup_fd(-1), warn_on_full_buffer=False)
+    return loop
 
 
 def prepare_listener(sock: socket.socket) -> None:
@@ -80,6 +94,7 @@ def accept(
             _warned_fallback = True
             logger.warning(
                 "accepting through loop.sock_accept(): %s; asyncio may also report failed "
-                "accepts as 'Task exception was never retrieved'", exc
+                "accepts as 'Task exception was never retrieved'",
+                exc,
             )
         return asyncio.ensure_future(loop.sock_accept(listener))

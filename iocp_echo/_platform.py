@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+from asyncio import proactor_events
 from types import ModuleType
 from typing import Any, Protocol, cast
 
@@ -32,8 +33,10 @@ class Backend(Protocol):
     ) -> asyncio.Future[tuple[socket.socket, Any]]: ...
 
 
-def backend(platform: str = sys.platform) -> Backend:
-    """The completion backend for *platform*, or :class:`UnsupportedPlatformError`."""
+def backend(platform: str | None = None) -> Backend:
+    """The completion backend for *platform* (default: this one), or
+    :class:`UnsupportedPlatformError`."""
+    platform = platform or sys.platform
     module: ModuleType
     if platform == "win32":
         from . import _iocp as module
@@ -54,7 +57,7 @@ def backend(platform: str = sys.platform) -> Backend:
 
 def require_proactor(loop: asyncio.AbstractEventLoop) -> None:
     """Refuse any loop that is not completion-based, before a socket is opened."""
-    if isinstance(loop, asyncio.proactor_events.BaseProactorEventLoop):
+    if isinstance(loop, proactor_events.BaseProactorEventLoop):
         return
     kind = f"{type(loop).__module__}.{type(loop).__qualname__}"
     raise ProactorRequiredError(

@@ -114,7 +114,8 @@ def accept_with_iocp(
     import _overlapped  # type: ignore[import-not-found]  # Windows only
 
     proactor = _proactor(loop)
-    register_with_iocp: Callable[[Any], None] | None = getattr(proactor, "_register_with_iocp", None)
+    register_with_iocp: Callable[[Any], None] | None
+    register_with_iocp = getattr(proactor, "_register_with_iocp", None)
     register: Callable[..., asyncio.Future[Any]] | None = getattr(proactor, "_register", None)
     if register_with_iocp is None or register is None:
         raise InternalsUnavailable("IocpProactor has no _register_with_iocp/_register")

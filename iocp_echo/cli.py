@@ -12,7 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import loops
 from .errors import IocpEchoError
@@ -24,7 +24,7 @@ __all__ = ["build_parser", "main"]
 PROG = "iocp-echo"
 
 
-def _positive(kind: type[int] | type[float]) -> object:
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
@@ -51,17 +51,34 @@ def build_parser() -> argparse.ArgumentParser:
             "port, port in use, unsupported platform), 2 for a bad command line"
         ),
     )
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help="TCP port, 1024-65535, or 0 for any free port (default: %(default)s)")
-    parser.add_argument("--max-connections", type=_positive(int), metavar="N",
-                        help="close connections beyond N open ones at once (default: no limit)")
-    parser.add_argument("--idle-timeout", type=_positive(float), metavar="SECONDS",
-                        help="close a connection with no traffic for SECONDS (default: never)")
-    parser.add_argument("--log-level", default="INFO", type=str.upper,
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="log verbosity; DEBUG shows every connection (default: %(default)s)")
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="TCP port, 1024-65535, or 0 for any free port (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        metavar="N",
+        help="close connections beyond N open ones at once (default: no limit)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_positive(float),
+        metavar="SECONDS",
+        help="close a connection with no traffic for SECONDS (default: never)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity; DEBUG shows every connection (default: %(default)s)",
+    )
     return parser
 
 
@@ -81,14 +98,13 @@ async def _serve(options: argparse.Namespace) -> None:
         await server.serve_forever()
 
 
-def _stop_on_break(stop: object) -> None:
+def _stop_on_break(stop: Callable[[], None]) -> None:
     """Ctrl-Break on Windows (SIGBREAK) and SIGTERM elsewhere stop the server gracefully.
 
     Ctrl-C needs nothing here: ``asyncio.Runner`` turns SIGINT into cancelling the main task,
     and ``serve_forever()`` closes the server when cancelled.
     """
     loop = asyncio.get_running_loop()
-    assert callable(stop)
 
     def handler(signum: int, frame: object) -> None:
         loop.call_soon_threadsafe(stop)

@@ -59,9 +59,14 @@ class PendingOperation:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "kind": self.kind, "state": self.state, "fileno": self.fileno,
-            "local": _jsonable(self.local), "peer": _jsonable(self.peer),
-            "nbytes": self.nbytes, "started": self.started, "age": self.age,
+            "kind": self.kind,
+            "state": self.state,
+            "fileno": self.fileno,
+            "local": _jsonable(self.local),
+            "peer": _jsonable(self.peer),
+            "nbytes": self.nbytes,
+            "started": self.started,
+            "age": self.age,
         }
 
 

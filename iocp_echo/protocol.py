@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from asyncio import proactor_events
 from collections.abc import Callable
 from typing import Any
 
@@ -31,11 +32,11 @@ _warned_read_size = False
 
 
 def _is_proactor_transport(transport: asyncio.BaseTransport) -> bool:
-    if isinstance(transport, asyncio.proactor_events._ProactorBasePipeTransport):
+    if isinstance(transport, proactor_events._ProactorBasePipeTransport):
         return True
     # TLS wraps the proactor transport in asyncio's SSL transport; the loop tells the rest.
     return transport.get_extra_info("sslcontext") is not None and isinstance(
-        asyncio.get_running_loop(), asyncio.proactor_events.BaseProactorEventLoop
+        asyncio.get_running_loop(), proactor_events.BaseProactorEventLoop
     )
 
 
@@ -79,6 +80,7 @@ class EchoProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         global _warned_read_size
         if not _is_proactor_transport(transport):
+            assert isinstance(transport, asyncio.Transport)
             transport.abort()
             raise ProactorRequiredError(
                 f"EchoProtocol needs a proactor transport, got {type(transport).__name__}: "
@@ -138,7 +140,10 @@ class EchoProtocol(asyncio.Protocol):
         elif isinstance(exc, OSError):
             logger.warning(
                 "connection from %s lost: %s: %s (OS error %s)",
-                peer, type(exc).__name__, exc, os_error_code(exc),
+                peer,
+                type(exc).__name__,
+                exc,
+                os_error_code(exc),
             )
         else:
             logger.error("connection from %s failed", peer, exc_info=exc)
@@ -175,7 +180,8 @@ class EchoProtocol(asyncio.Protocol):
             self._idle_timer = None
             logger.info(
                 "closing connection from %s: no traffic for %.1f s (idle_timeout)",
-                _format_peer(self.peer), idle_for,
+                _format_peer(self.peer),
+                idle_for,
             )
             self.abort()
         else:

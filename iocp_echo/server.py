@@ -72,7 +72,8 @@ def _validate_positive(name: str, value: object, *, allow_none: bool, kind: type
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise TypeError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+        expected = "a number" if kind is float else "an integer"
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be greater than 0, got {value!r}")
 
@@ -101,7 +102,7 @@ def _open_listeners(
                 if is_address_in_use(exc):
                     raise AddressInUseError(
                         exc.errno,
-                        f"cannot listen on {_format_peer(address)}: port {address[1]} is already "
+                        f"cannot listen on {_format_peer(address)}: port {address[1]!r} is already "
                         f"in use (OS error {os_error_code(exc)}); stop the program using it or "
                         f"choose another port",
                     ) from None
@@ -156,9 +157,15 @@ async def serve_echo(
     _platform.require_proactor(loop)
     listeners = _open_listeners(host, port, backlog, backend.prepare_listener)
     server = EchoServer(
-        loop, backend, listeners,
-        max_read=max_read, max_connections=max_connections, idle_timeout=idle_timeout,
-        ssl=ssl, write_high_water=write_high_water, shutdown_timeout=shutdown_timeout,
+        loop,
+        backend,
+        listeners,
+        max_read=max_read,
+        max_connections=max_connections,
+        idle_timeout=idle_timeout,
+        ssl=ssl,
+        write_high_water=write_high_water,
+        shutdown_timeout=shutdown_timeout,
     )
     server._start()
     return server
@@ -338,12 +345,17 @@ class EchoServer:
                     logger.warning(
                         "accept on %s failed: the client went away before it completed: %s "
                         "(OS error %s); still accepting",
-                        _format_peer(self._local), exc, os_error_code(exc),
+                        _format_peer(self._local),
+                        exc,
+                        os_error_code(exc),
                     )
                     continue
                 logger.error(
                     "accept on %s failed: %s (OS error %s); retrying in %.1f s",
-                    _format_peer(self._local), exc, os_error_code(exc), ACCEPT_ERROR_BACKOFF,
+                    _format_peer(self._local),
+                    exc,
+                    os_error_code(exc),
+                    ACCEPT_ERROR_BACKOFF,
                 )
                 await asyncio.sleep(ACCEPT_ERROR_BACKOFF)
                 continue
@@ -365,7 +377,8 @@ class EchoServer:
             self._refused += 1
             logger.warning(
                 "refusing connection from %s: max_connections=%d reached",
-                _format_peer(address), self._max_connections,
+                _format_peer(address),
+                self._max_connections,
             )
             conn.close()
             return
@@ -398,11 +411,14 @@ class EchoServer:
             if isinstance(exc, OSError):
                 logger.warning(
                     "setting up the connection from %s failed: %s (OS error %s)",
-                    _format_peer(protocol.peer), exc, os_error_code(exc),
+                    _format_peer(protocol.peer),
+                    exc,
+                    os_error_code(exc),
                 )
             else:
                 logger.error(
-                    "setting up the connection from %s failed", _format_peer(protocol.peer),
+                    "setting up the connection from %s failed",
+                    _format_peer(protocol.peer),
                     exc_info=exc,
                 )
 
@@ -437,7 +453,8 @@ class EchoServer:
             except TimeoutError:
                 logger.warning(
                     "aborting %d connection(s) still sending after shutdown_timeout=%.1f s",
-                    len(self._connections), self._shutdown_timeout,
+                    len(self._connections),
+                    self._shutdown_timeout,
                 )
                 for connection in list(self._connections):
                     connection.abort()
@@ -463,7 +480,9 @@ class EchoServer:
             if time.monotonic() >= deadline:
                 logger.warning(
                     "%d overlapped operation(s) still pending %.0f s after close: %s",
-                    len(remaining), _DRAIN_TIMEOUT, remaining,
+                    len(remaining),
+                    _DRAIN_TIMEOUT,
+                    remaining,
                 )
                 return
             await asyncio.sleep(0.001)

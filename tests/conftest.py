@@ -30,7 +30,9 @@ _deselected: dict[str, int] = {}
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--wine-python", metavar="X.Y", default=None,
+        "--wine-python",
+        metavar="X.Y",
+        default=None,
         help="run the wine_cli tests against this Windows CPython under Wine",
     )
 
@@ -48,8 +50,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("backend") and not HAS_BACKEND:
             _deselected["backend (no completion backend on this OS: run under Wine)"] = (
-                _deselected.get("backend (no completion backend on this OS: run under Wine)", 0)
-                + 1
+                _deselected.get("backend (no completion backend on this OS: run under Wine)", 0) + 1
             )
             drop.append(item)
         elif item.get_closest_marker("wine_cli") and not config.getoption("--wine-python"):
@@ -76,8 +77,7 @@ def no_asyncio_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     yield
     gc.collect()
     errors = [
-        r for r in caplog.records
-        if r.name.startswith("asyncio") and r.levelno >= logging.ERROR
+        r for r in caplog.records if r.name.startswith("asyncio") and r.levelno >= logging.ERROR
     ]
     assert not errors, "asyncio logged errors:\n" + "\n".join(
         f"{r.getMessage()} {r.exc_text or ''}" for r in errors
@@ -100,7 +100,8 @@ def assert_nothing_left(echo_server: iocp_echo.EchoServer) -> None:
     assert echo_server.stats().open_connections == 0
     assert all(sock.fileno() == -1 for sock in echo_server.sockets)
     own_tasks = [
-        t for t in asyncio.all_tasks()
+        t
+        for t in asyncio.all_tasks()
         if t is not asyncio.current_task() and "iocp_echo" in repr(t.get_coro())
     ]
     assert own_tasks == []

@@ -33,8 +33,9 @@ async def test_seed_example_2_abrupt_disconnect_is_logged_and_closed(
     await recv_exactly(sock, 7)
     reset(sock)
     await wait_until(lambda: server.stats().open_connections == 0, what="connection closed")
-    warnings = [r for r in caplog.records
-                if r.name.startswith("iocp_echo") and r.levelno == logging.WARNING]
+    warnings = [
+        r for r in caplog.records if r.name.startswith("iocp_echo") and r.levelno == logging.WARNING
+    ]
     assert len(warnings) == 1, warnings
     message = warnings[0].getMessage()
     assert "127.0.0.1:" in message and "OS error" in message
@@ -56,8 +57,9 @@ async def test_seed_example_3_empty_message(
     # A client that connects and leaves without a byte is not an error.
     silent = await connect(server.port)
     silent.close()
-    await wait_until(lambda: server.stats().total_connections == 2
-                     and server.stats().open_connections == 0)
+    await wait_until(
+        lambda: server.stats().total_connections == 2 and server.stats().open_connections == 0
+    )
     assert server.stats().errors == {}
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -95,11 +97,13 @@ async def test_thousand_concurrent_clients_each_get_their_own_bytes(
     await wait_until(lambda: server.stats().open_connections == 1000, timeout=60)
     payloads = [f"client {i}:".encode() + os.urandom(64 + i % 500) for i in range(1000)]
 
-    async def exchange(sock, payload):
+    async def exchange(sock: socket.socket, payload: bytes) -> bytes:
         await loop.sock_sendall(sock, payload)
         return await recv_exactly(sock, len(payload), timeout=60)
 
-    replies = await asyncio.gather(*(exchange(s, p) for s, p in zip(clients, payloads, strict=True)))
+    replies = await asyncio.gather(
+        *(exchange(s, p) for s, p in zip(clients, payloads, strict=True))
+    )
     assert replies == payloads
     for sock in clients:
         sock.close()

@@ -31,8 +31,11 @@ async def test_slow_reader_bounds_server_memory_and_loses_nothing(
         baseline = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
         sender = asyncio.ensure_future(loop.sock_sendall(sock, payload))
-        await wait_until(lambda: server.stats().reading_paused == 1, timeout=30,
-                         what="the server to stop reading from the flooding client")
+        await wait_until(
+            lambda: server.stats().reading_paused == 1,
+            timeout=30,
+            what="the server to stop reading from the flooding client",
+        )
         # The client is still trying to send: the kernel buffers are full, nothing moves.
         assert not sender.done()
         stats = server.stats()

@@ -31,8 +31,11 @@ async def test_connections_past_max_are_closed_at_once_and_logged(
             pass
         extra.close()
         assert server.stats().refused_connections == 1
-        assert any("max_connections=3" in r.getMessage() for r in caplog.records
-                   if r.levelno == logging.WARNING)
+        assert any(
+            "max_connections=3" in r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING
+        )
         # The admitted ones still echo, and a slot freed is a slot reusable.
         for sock in admitted:
             await loop.sock_sendall(sock, b"ok")

@@ -17,7 +17,9 @@ from .helpers import connect, echo, recv_exactly, reset, wait_until
 pytestmark = pytest.mark.backend
 
 
-def _reset_storm(port: int, rounds: int, stop: threading.Event, errors: list[BaseException]) -> None:
+def _reset_storm(
+    port: int, rounds: int, stop: threading.Event, errors: list[BaseException]
+) -> None:
     """Blocking clients on their own thread, resetting at each stage of a connection's life:
     straight after connect (often before the server's accept completes), after sending, and
     in the middle of receiving a large echo."""

@@ -112,8 +112,19 @@ def ensure_python(version: str) -> Path:
     tag = "cp" + version.replace(".", "")
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-             "--no-binary", ":all:", "-d", tmp, EMBED_RELEASES[version]],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                tmp,
+                EMBED_RELEASES[version],
+            ],
             check=True,
         )
         (sdist,) = Path(tmp).glob("*.tar.gz")
@@ -128,7 +139,7 @@ def ensure_python(version: str) -> Path:
             for name in archive.namelist():
                 if not name.startswith(tag + "/") or name.endswith("/"):
                     continue
-                dest = partial / name[len(tag) + 1:]
+                dest = partial / name[len(tag) + 1 :]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(archive.read(name))
         partial.rename(target)
@@ -146,9 +157,22 @@ def ensure_site(version: str) -> Path:
     log(f"installing {', '.join(requirements)} for Windows CPython {version}")
     shutil.rmtree(site, ignore_errors=True)
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "--target", str(site), "--platform", "win_amd64", "--python-version", version,
-         "--only-binary=:all:", *requirements],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--target",
+            str(site),
+            "--platform",
+            "win_amd64",
+            "--python-version",
+            version,
+            "--only-binary=:all:",
+            *requirements,
+        ],
         check=True,
     )
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -240,12 +264,22 @@ def main(argv: list[str] | None = None) -> int:
         description="Run a command under Windows CPython in Wine (provisioning it first).",
         usage="%(prog)s [--provision] [--python X.Y] [python arguments...]",
     )
-    parser.add_argument("--python", choices=sorted(EMBED_RELEASES), default="3.13",
-                        help="Windows CPython version to run (default: 3.13)")
-    parser.add_argument("--provision", action="store_true",
-                        help="provision Wine and all three Windows CPythons, then exit")
-    parser.add_argument("--print-exe", action="store_true",
-                        help="provision, then print the python.exe path and exit")
+    parser.add_argument(
+        "--python",
+        choices=sorted(EMBED_RELEASES),
+        default="3.13",
+        help="Windows CPython version to run (default: 3.13)",
+    )
+    parser.add_argument(
+        "--provision",
+        action="store_true",
+        help="provision Wine and all three Windows CPythons, then exit",
+    )
+    parser.add_argument(
+        "--print-exe",
+        action="store_true",
+        help="provision, then print the python.exe path and exit",
+    )
     options, rest = parser.parse_known_args(argv)
     if options.provision:
         for version in EMBED_RELEASES:

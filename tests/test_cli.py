@@ -1,0 +1,226 @@
+"""The command line: ``python examples/echo.py`` and ``python -m iocp_echo``.
+
+The first group runs wherever the tests run (natively on Linux, and under Wine), the CLI
+being a subprocess of the test's own interpreter.  ``wine_cli`` tests run on Linux and drive
+the CLI running on Windows CPython under Wine (``tools/winpy.py``) with a Linux client and a
+real SIGINT, which Wine delivers to the Windows process as a console Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from iocp_echo import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+ECHO = str(ROOT / "examples" / "echo.py")
+LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+) \(backend: (.+)\)")
+
+
+def run_cli(*args: str, module: bool = False) -> subprocess.CompletedProcess[str]:
+    target = ["-m", "iocp_echo"] if module else [ECHO]
+    return subprocess.run(
+        [sys.executable, *target, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["examples/echo.py", "-m iocp_echo"])
+def test_help_documents_every_option(module: bool) -> None:
+    result = run_cli("--help", module=module)
+    assert result.returncode == 0
+    for option in ("--host", "--port", "--max-connections", "--idle-timeout", "--log-level"):
+        assert option in result.stdout
+    assert "Ctrl-C" in result.stdout and "exit status" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--port", "eighty"],
+        ["--max-connections", "0"],
+        ["--idle-timeout", "-1"],
+        ["--log-level", "LOUD"],
+        ["--no-such-option"],
+    ],
+)
+def test_bad_argument_exits_2_with_argparse_message(args: list[str]) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr and "error:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("port", ["80", "70000", "-5"])
+def test_invalid_port_exits_1_with_one_line(port: str) -> None:
+    result = run_cli("--port", port)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"iocp-echo: error: port {port} is out of range: use 1024-65535, or 0 to let the OS "
+        "choose a free port"
+    ]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows has the IOCP backend")
+def test_unsupported_platform_exits_1_with_one_line() -> None:
+    result = run_cli("--port", "0")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no completion backend" in lines[0] and "winpy.py" in lines[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.backend
+def test_ctrl_break_stops_the_server_gracefully(capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-Break on Windows (SIGBREAK; SIGTERM elsewhere) shuts down and exits 0.
+
+    Raised in-process: Wine cannot deliver a console Ctrl-Break to another process
+    (GenerateConsoleCtrlEvent fails with WinError 12 there).
+    """
+    port = _free_port()
+    stop_signal = getattr(signal, "SIGBREAK", signal.SIGTERM)
+    echoed: list[bytes] = []
+
+    def client() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(b"before break")
+                    echoed.append(sock.recv(100))
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.05)  # the server is still starting: poll, bounded by the deadline
+        signal.raise_signal(stop_signal)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    assert cli.main(["--port", str(port)]) == 0
+    thread.join(10)
+    assert echoed == [b"before break"]
+    out = capsys.readouterr()
+    assert LISTENING.search(out.out)
+    assert "iocp-echo: stopped" in out.err
+
+
+# -- the CLI under Wine, driven from Linux ----------------------------------------------------
+
+
+@pytest.fixture
+def wine_python(request: pytest.FixtureRequest) -> str:
+    version = request.config.getoption("--wine-python")
+    assert isinstance(version, str)
+    return version
+
+
+def start_under_wine(version: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "winpy.py"), "--python", version, ECHO, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture
+def wine_server(wine_python: str) -> Iterator[tuple[subprocess.Popen[str], int, str]]:
+    process = start_under_wine(wine_python, "--port", "0", "--log-level", "DEBUG")
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()  # blocks until the server is ready (or exits)
+        match = LISTENING.search(line)
+        assert match, f"no 'listening on' line: {line!r} {process.stderr and process.stderr.read()}"
+        yield process, int(match.group(1)), match.group(2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+
+
+@pytest.mark.wine_cli
+def test_wine_cli_echoes_for_a_linux_client_and_stops_on_ctrl_c(
+    wine_server: tuple[subprocess.Popen[str], int, str],
+) -> None:
+    process, port, backend = wine_server
+    assert backend == "IOCP (asyncio ProactorEventLoop)"
+    payload = os.urandom(300_000)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"Hello, IOCP!")
+        assert sock.recv(100) == b"Hello, IOCP!"
+        sender = threading.Thread(target=sock.sendall, args=(payload,))
+        sender.start()
+        received = bytearray()
+        while len(received) < len(payload):
+            received += sock.recv(65536)
+        sender.join(30)
+        assert received == payload
+    process.send_signal(signal.SIGINT)  # Wine turns it into a console Ctrl-C
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "iocp-echo: stopped" in err
+    assert "Traceback" not in err
+    assert "connection opened from 127.0.0.1:" in err  # DEBUG logs reach the console
+
+
+@pytest.mark.wine_cli
+def test_wine_cli_ctrl_c_with_clients_connected(
+    wine_server: tuple[subprocess.Popen[str], int, str],
+) -> None:
+    process, port, _ = wine_server
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(10)]
+    for sock in clients:
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    for sock in clients:  # each connection was closed by the server: EOF
+        assert sock.recv(1) == b""
+        sock.close()
+
+
+@pytest.mark.wine_cli
+def test_wine_cli_port_in_use_exits_1_naming_the_port(wine_python: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        process = start_under_wine(wine_python, "--port", str(port))
+        _, err = process.communicate(timeout=120)
+    assert process.returncode == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert f"port {port} is already in use" in lines[0]
+
+
+@pytest.mark.wine_cli
+@pytest.mark.parametrize("args", [["--port", "1000"], ["--port", "x"]])
+def test_wine_cli_error_exits(wine_python: str, args: list[str]) -> None:
+    process = start_under_wine(wine_python, *args)
+    _, err = process.communicate(timeout=120)
+    expected = 2 if args[1] == "x" else 1
+    assert process.returncode == expected, err
+    assert "Traceback" not in err
+    assert "error:" in err

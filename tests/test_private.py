@@ -1,0 +1,73 @@
+"""The private CPython internals iocp_echo relies on, checked on every supported CPython,
+and the "unavailable" answers when they are not what is expected."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+import pytest
+
+import iocp_echo
+from iocp_echo import _private
+
+from .helpers import connect, echo, wait_until
+
+pytestmark = pytest.mark.backend
+
+
+async def test_every_internal_is_available_on_this_cpython() -> None:
+    assert _private.capabilities(asyncio.get_running_loop()) == {
+        "overlapped_cache": None,
+        "accept_with_iocp": None,
+    }
+
+
+async def test_cache_snapshot_shape_and_callback_names(server: iocp_echo.EchoServer) -> None:
+    sock = await connect(server.port)
+    await wait_until(lambda: server.stats().open_connections == 1)
+    entries = _private.overlapped_cache(asyncio.get_running_loop())
+    names = {name for _f, _ov, _obj, name in entries}
+    assert "finish_accept" in names
+    for future, ov, _obj, _name in entries:
+        assert isinstance(future, asyncio.Future)
+        assert isinstance(ov.address, int) and isinstance(ov.pending, bool)
+    sock.close()
+
+
+@pytest.mark.parametrize(
+    ("cache", "reason"),
+    [({1: ("not", "four")}, "not .future, ov, obj, callback"), (None, "_cache is missing")],
+)
+async def test_unexpected_cache_shape_is_reported_not_guessed(
+    monkeypatch: pytest.MonkeyPatch, cache: object, reason: str
+) -> None:
+    changed = types.SimpleNamespace(_cache=cache)  # a proactor of some future CPython
+    monkeypatch.setattr(_private, "_proactor", lambda loop: changed)
+    with pytest.raises(iocp_echo.IntrospectionUnavailable, match=reason):
+        iocp_echo.pending_operations()
+
+
+async def test_read_buffer_resize_refuses_an_unknown_transport() -> None:
+    with pytest.raises(_private.InternalsUnavailable, match="_data"):
+        _private.set_read_buffer_size(asyncio.Transport(), 100)
+
+
+async def test_closed_loop_reports_unavailable() -> None:
+    loop = iocp_echo.new_event_loop()
+    loop.close()
+    with pytest.raises(iocp_echo.IntrospectionUnavailable, match="no _proactor"):
+        iocp_echo.pending_operations(loop)
+
+
+async def test_accept_falls_back_to_public_api_when_internals_are_missing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def unavailable(loop: object, listener: object) -> None:
+        raise _private.InternalsUnavailable("IocpProactor has no _register_with_iocp/_register")
+
+    monkeypatch.setattr(_private, "accept_with_iocp", unavailable)
+    monkeypatch.setattr("iocp_echo._iocp._warned_fallback", False)
+    async with await iocp_echo.serve_echo("127.0.0.1", 0) as server:
+        assert await echo(server.port, b"fallback") == b"fallback"
+    assert any("loop.sock_accept" in r.getMessage() for r in caplog.records)
