@@ -117,3 +117,26 @@ async def test_client_reset_mid_echo_is_counted_and_others_unaffected(
     assert await recv_exactly(good, len(payload)) == payload
     await wait_until(lambda: server.stats().open_connections == 1)
     good.close()
+
+
+async def test_stock_asyncio_server_loses_its_listener_to_the_same_storm() -> None:
+    """Why the server owns its accept loop: under the same storm, ``loop.create_server()``'s
+    accept loop (CPython gh-93821, still open) closes its listening socket for good.  If this
+    test ever fails, CPython has fixed the bug and the workaround can be reconsidered."""
+    loop = asyncio.get_running_loop()
+    stock = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
+    listener = stock.sockets[0]
+    port = listener.getsockname()[1]
+    handler_calls: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda loop, context: handler_calls.append(context))
+    try:
+        stop = threading.Event()
+        await loop.run_in_executor(None, _reset_storm, port, 300, stop, [])
+        await wait_until(lambda: listener.fileno() == -1, timeout=30, what="stock listener death")
+        with pytest.raises(ConnectionRefusedError):
+            await echo(port, b"anyone there?")
+    finally:
+        stock.close()
+        await stock.wait_closed()
+        loop.set_exception_handler(None)
+    assert any("Accept failed" in str(c.get("message")) for c in handler_calls)
