@@ -7,6 +7,7 @@
 >>> iocp_echo.run(main())  # doctest: +SKIP
 """
 
+from . import admin, inspector
 from .errors import (
     AddressInUseError,
     InvalidPortError,
@@ -36,7 +37,9 @@ __all__ = [
     "ProactorRequiredError",
     "ServerStats",
     "UnsupportedPlatformError",
+    "admin",
     "backend_name",
+    "inspector",
     "new_event_loop",
     "pending_operations",
     "pending_operations_threadsafe",

@@ -25,7 +25,7 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "InternalsUnavailable",
@@ -90,15 +90,16 @@ def set_read_buffer_size(transport: asyncio.BaseTransport, size: int) -> None:
 
 def transport_operation(
     transport: asyncio.BaseTransport, future: asyncio.Future[Any]
-) -> tuple[str, int] | None:
+) -> tuple[Literal["recv", "send"], int | None] | None:
     """``("recv", size)`` or ``("send", size)`` when *future* is the transport's own read or
-    write in flight; ``None`` when it is neither."""
+    write in flight; ``None`` when it is neither.  The size of a send that completed at once
+    (its packet not yet dequeued) is not recorded by the transport: it is then ``None``."""
     if getattr(transport, "_read_fut", None) is future:
         data = getattr(transport, "_data", None)
         return "recv", len(data) if data is not None else 0
     if getattr(transport, "_write_fut", None) is future:
-        pending = getattr(transport, "_pending_write", 0)
-        return "send", pending if isinstance(pending, int) else 0
+        pending = getattr(transport, "_pending_write", None)
+        return "send", pending if isinstance(pending, int) and pending > 0 else None
     return None
 
 

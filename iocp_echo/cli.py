@@ -14,10 +14,11 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from . import loops
+from . import inspector, loops
+from .admin import DEFAULT_STUCK_AFTER, log_stats, start_admin
 from .errors import IocpEchoError
 from .protocol import _format_peer
-from .server import DEFAULT_HOST, DEFAULT_PORT, _validate_port, serve_echo
+from .server import DEFAULT_HOST, DEFAULT_PORT, EchoServer, _validate_port, serve_echo
 
 __all__ = ["build_parser", "main"]
 
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "exit status: 0 after a graceful shutdown, 1 when the server cannot start (invalid "
-            "port, port in use, unsupported platform), 2 for a bad command line"
+            "port, port in use, unsupported platform), 2 for a bad command line. "
+            "'iocp-echo inspect HOST:PORT [--watch]' shows a running server's pending "
+            "operations (see 'iocp-echo inspect --help')."
         ),
     )
     parser.add_argument(
@@ -73,6 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="close a connection with no traffic for SECONDS (default: never)",
     )
     parser.add_argument(
+        "--stats-every",
+        type=_positive(float),
+        metavar="SECONDS",
+        help="log a one-line summary (connections, bytes, pending operations by kind, oldest "
+        "age) every SECONDS at INFO",
+    )
+    parser.add_argument(
+        "--stuck-after",
+        type=_positive(float),
+        metavar="SECONDS",
+        default=DEFAULT_STUCK_AFTER,
+        help="with --stats-every, warn about each operation pending longer than SECONDS "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--admin-port",
+        type=int,
+        metavar="PORT",
+        help="serve a JSON snapshot (stats and pending operations) on http://127.0.0.1:PORT/ "
+        "for 'iocp-echo inspect' (default: off; 0 picks a free port)",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -95,7 +120,28 @@ async def _serve(options: argparse.Namespace) -> None:
             f"(backend: {server.backend_name})",
             flush=True,
         )
-        await server.serve_forever()
+        helpers: list[asyncio.Task[None]] = []
+        admin = None
+        if options.admin_port is not None:
+            admin = await start_admin(server, options.admin_port)
+            admin_port = admin.sockets[0].getsockname()[1]
+            print(f"{PROG}: admin snapshot on http://127.0.0.1:{admin_port}/", flush=True)
+        if options.stats_every is not None:
+            helpers.append(asyncio.create_task(_report(server, options)))
+        try:
+            await server.serve_forever()
+        finally:
+            for task in helpers:
+                task.cancel()
+            if admin is not None:
+                admin.close()
+                await admin.wait_closed()
+
+
+async def _report(server: EchoServer, options: argparse.Namespace) -> None:
+    while True:
+        await asyncio.sleep(options.stats_every)
+        log_stats(server, options.stuck_after)
 
 
 def _stop_on_break(stop: Callable[[], None]) -> None:
@@ -116,7 +162,10 @@ def _stop_on_break(stop: Callable[[], None]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    options = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["inspect"]:
+        return inspector.main(arguments[1:])
+    options = build_parser().parse_args(arguments)
     logging.basicConfig(
         level=options.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -124,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         _validate_port(options.port)
+        if options.admin_port is not None and options.admin_port != 0:
+            _validate_port(options.admin_port)
         loops.backend_name()  # refuse an unsupported platform before anything starts
         loops.run(_serve(options))
     except IocpEchoError as exc:

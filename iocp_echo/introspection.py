@@ -19,7 +19,7 @@ import time
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from . import _private
 
@@ -28,6 +28,7 @@ __all__ = [
     "PendingOperation",
     "pending_operations",
     "pending_operations_threadsafe",
+    "summarize",
 ]
 
 Kind = Literal["accept", "recv", "send", "connect", "sendfile", "wakeup", "wait", "unknown"]
@@ -97,26 +98,62 @@ def record(future: asyncio.Future[Any], kind: Kind, nbytes: int) -> None:
     _issued[future] = (kind, nbytes, time.monotonic())
 
 
-def pending_operations(
-    loop: asyncio.AbstractEventLoop | None = None,
-    *,
-    sockets: Iterable[socket.socket] | None = None,
-    transports: Mapping[int, asyncio.BaseTransport] | None = None,
-) -> list[PendingOperation]:
+class Owner(Protocol):
+    """What a connection tells introspection about itself (``EchoProtocol`` is one)."""
+
+    @property
+    def transport(self) -> asyncio.BaseTransport | None: ...
+
+    @property
+    def read_started(self) -> float: ...
+
+
+class OwnerSource(Protocol):
+    """Something that owns connections on a loop (an ``EchoServer``)."""
+
+    def owners(self) -> tuple[asyncio.AbstractEventLoop, Mapping[int, Owner]]: ...
+
+
+#: Servers alive now, whose connections the loop-wide view recognises too.
+_sources: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def register_source(source: OwnerSource) -> None:
+    _sources.add(source)
+
+
+def pending_operations(loop: asyncio.AbstractEventLoop | None = None) -> list[PendingOperation]:
     """Every operation the loop's proactor has in flight, oldest first.
 
-    *sockets* restricts the answer to operations issued on those sockets; *transports* maps
-    ``id(socket)`` to the transport that owns it, so its reads and writes are recognised.
-    Raises :class:`IntrospectionUnavailable`, with the reason, when the internals differ.
+    Raises :class:`IntrospectionUnavailable`, with the reason, when the proactor's internals
+    are not what this version of iocp_echo knows (a future CPython, a closed loop).
     """
     if loop is None:
         loop = asyncio.get_running_loop()
+    owners: dict[int, Owner] = {}
+    for source in list(_sources):
+        source_loop, source_owners = source.owners()
+        if source_loop is loop:
+            owners.update(source_owners)
+    return collect(loop, None, owners)
+
+
+def collect(
+    loop: asyncio.AbstractEventLoop,
+    sockets: Iterable[socket.socket] | None = None,
+    owners: Mapping[int, Owner] | None = None,
+) -> list[PendingOperation]:
+    """The operations in flight on *sockets* (all, when None), oldest first.
+
+    *owners* maps ``id(socket)`` to the connection that owns it, so that its transport's read
+    and write are recognised, and the read's start time known.
+    """
     try:
         entries = _private.overlapped_cache(loop)
     except _private.InternalsUnavailable as exc:
         raise IntrospectionUnavailable(str(exc)) from None
     wanted = None if sockets is None else {id(s) for s in sockets}
-    transports = transports or {}
+    owners = owners or {}
     self_pipe = getattr(loop, "_ssock", None)
     now = time.monotonic()
     operations = []
@@ -125,21 +162,27 @@ def pending_operations(
             continue
         kind: Kind
         nbytes: int | None
-        issued = _issued.get(future)
+        owner = owners.get(id(obj))
         transport_op = None
-        transport = transports.get(id(obj))
-        if transport is not None:
-            transport_op = _private.transport_operation(transport, future)
+        if owner is not None and owner.transport is not None:
+            transport_op = _private.transport_operation(owner.transport, future)
+        issued = _issued.get(future)
         if issued is not None:
             kind, nbytes, started = issued
-        else:
+        elif transport_op is not None:
+            kind, nbytes = transport_op
+            # The transport issues its next read as it delivers the last one.
+            started = (
+                owner.read_started  # type: ignore[union-attr]
+                if kind == "recv"
+                else _first_seen.setdefault(future, now)
+            )
+        elif obj is self_pipe and self_pipe is not None:
+            kind, nbytes = "wakeup", 4096  # the loop reads its self-pipe 4 KiB at a time
             started = _first_seen.setdefault(future, now)
-            if transport_op is not None:
-                kind, nbytes = transport_op  # type: ignore[assignment]
-            elif obj is self_pipe and self_pipe is not None:
-                kind, nbytes = "wakeup", 4096  # the loop reads its self-pipe 4 KiB at a time
-            else:
-                kind, nbytes = _KIND_BY_CALLBACK.get(callback_name, "unknown"), None
+        else:
+            kind, nbytes = _KIND_BY_CALLBACK.get(callback_name, "unknown"), None
+            started = _first_seen.setdefault(future, now)
         if future.cancelled():
             state: State = "cancelling"
         elif future.done():
@@ -154,19 +197,31 @@ def pending_operations(
     return operations
 
 
+def summarize(operations: Iterable[PendingOperation]) -> dict[str, Any]:
+    """Counts by kind and by state, and the oldest age: the figures ``stats()`` reports."""
+    by_kind: dict[str, int] = {}
+    by_state: dict[str, int] = {}
+    oldest = 0.0
+    for op in operations:
+        by_kind[op.kind] = by_kind.get(op.kind, 0) + 1
+        by_state[op.state] = by_state.get(op.state, 0) + 1
+        oldest = max(oldest, op.age)
+    return {"by_kind": by_kind, "by_state": by_state, "oldest_age": oldest}
+
+
 def pending_operations_threadsafe(
     loop: asyncio.AbstractEventLoop, timeout: float | None = 5.0
 ) -> list[PendingOperation]:
     """:func:`pending_operations` asked from another thread: it runs on *loop*'s thread."""
     result: concurrent.futures.Future[list[PendingOperation]] = concurrent.futures.Future()
 
-    def collect() -> None:
+    def ask() -> None:
         try:
-            result.set_result(pending_operations(loop))
+            result.set_result(collect(loop))
         except BaseException as exc:
             result.set_exception(exc)
 
-    loop.call_soon_threadsafe(collect)
+    loop.call_soon_threadsafe(ask)
     return result.result(timeout)
 
 

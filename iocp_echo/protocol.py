@@ -72,6 +72,8 @@ class EchoProtocol(asyncio.Protocol):
         self._on_lost = on_lost
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_activity = 0.0
+        #: When the transport's read now in flight was issued (loop time: monotonic).
+        self.read_started = 0.0
         self._last_unsent = 0
         self._idle_timer: asyncio.TimerHandle | None = None
 
@@ -92,7 +94,7 @@ class EchoProtocol(asyncio.Protocol):
         # the accept returned (set by the server) is then the better answer.
         self.peer = transport.get_extra_info("peername") or self.peer
         self._loop = asyncio.get_running_loop()
-        self._last_activity = self._loop.time()
+        self._last_activity = self.read_started = self._loop.time()
         try:
             _private.set_read_buffer_size(transport, self.max_read)
         except _private.InternalsUnavailable as exc:
@@ -108,7 +110,7 @@ class EchoProtocol(asyncio.Protocol):
         assert self.transport is not None and self._loop is not None
         size = len(data)
         self.bytes_received += size
-        self._last_activity = self._loop.time()
+        self._last_activity = self.read_started = self._loop.time()
         self.transport.write(data)
         self.bytes_sent += size
 

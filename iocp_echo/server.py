@@ -10,9 +10,11 @@ one connection, a failed set-up costs one connection, and the listener lives unt
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import ssl as _ssl
+import sys
 import time
 import weakref
 from collections import Counter
@@ -56,6 +58,12 @@ class ServerStats:
     bytes_unsent: int
     reading_paused: int
     errors: dict[str, int] = field(default_factory=dict)
+    #: Pending overlapped operations of the server by kind and by state, and the age in
+    #: seconds of the oldest; ``pending_unavailable`` says why when they cannot be known.
+    pending_by_kind: dict[str, int] = field(default_factory=dict)
+    pending_by_state: dict[str, int] = field(default_factory=dict)
+    oldest_pending_age: float = 0.0
+    pending_unavailable: str | None = None
 
 
 def _validate_port(port: object) -> int:
@@ -240,6 +248,12 @@ class EchoServer:
 
     def stats(self) -> ServerStats:
         connections = list(self._connections)
+        try:
+            pending = introspection.summarize(self.pending_operations())
+            unavailable = None
+        except introspection.IntrospectionUnavailable as exc:
+            pending = {"by_kind": {}, "by_state": {}, "oldest_age": 0.0}
+            unavailable = str(exc)
         return ServerStats(
             open_connections=len(connections),
             total_connections=self._total,
@@ -250,20 +264,46 @@ class EchoServer:
             bytes_unsent=sum(c.bytes_unsent for c in connections),
             reading_paused=sum(c.reading_paused for c in connections),
             errors=dict(self._errors),
+            pending_by_kind=pending["by_kind"],
+            pending_by_state=pending["by_state"],
+            oldest_pending_age=pending["oldest_age"],
+            pending_unavailable=unavailable,
         )
 
     def pending_operations(self) -> list[introspection.PendingOperation]:
-        """The overlapped operations in flight on this server's sockets, oldest first."""
-        transports: dict[int, asyncio.BaseTransport] = {}
-        sockets: list[socket.socket] = list(self._listeners)
-        for connection in self._connections:
-            sock = connection._sock
-            if sock is not None:
-                sockets.append(sock)
-                if connection.transport is not None:
-                    transports[id(sock)] = connection.transport
-        sockets.extend(self._released_sockets)
-        return introspection.pending_operations(self._loop, sockets=sockets, transports=transports)
+        """The overlapped operations in flight on this server's sockets, oldest first: its
+        accepts and its connections' reads and writes (and, just after they close, their
+        cancelled operations until the completion port returns them)."""
+        _, owners = self.owners()
+        sockets = [*self._listeners, *self._released_sockets]
+        sockets += [c._sock for c in self._connections if c._sock is not None]
+        return introspection.collect(self._loop, sockets, owners)
+
+    def owners(self) -> tuple[asyncio.AbstractEventLoop, dict[int, EchoProtocol]]:
+        """This server's connections by ``id()`` of their socket (for introspection)."""
+        owned = {id(c._sock): c for c in self._connections if c._sock is not None}
+        return self._loop, owned
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything known about the server now, ready for ``json.dumps``."""
+        try:
+            operations = [op.as_dict() for op in self.pending_operations()]
+            unavailable = None
+        except introspection.IntrospectionUnavailable as exc:
+            operations, unavailable = [], str(exc)
+        return {
+            "server": {
+                "host": self.host,
+                "port": self.port,
+                "backend": self._backend.NAME,
+                "python": sys.version.split()[0],
+                "serving": self.is_serving(),
+            },
+            "stats": dataclasses.asdict(self.stats()),
+            "operations": operations,
+            "operations_unavailable": unavailable,
+            "time": time.monotonic(),
+        }
 
     def close(self) -> None:
         """Stop accepting now and start closing every connection (see :meth:`wait_closed`)."""
@@ -321,15 +361,30 @@ class EchoServer:
     # -- accepting --------------------------------------------------------------------------
 
     def _start(self) -> None:
-        for listener in self._listeners:
-            for _ in range(ACCEPTS_IN_FLIGHT):
-                self._accept_tasks.append(self._loop.create_task(self._accept_loop(listener)))
+        """Post the first accepts now, so that serve_echo() returns with AcceptEx in flight."""
+        introspection.register_source(self)
+        try:
+            for listener in self._listeners:
+                for _ in range(ACCEPTS_IN_FLIGHT):
+                    first = self._issue_accept(listener)
+                    task = self._loop.create_task(self._accept_loop(listener, first))
+                    self._accept_tasks.append(task)
+        except BaseException:
+            self.close()
+            raise
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
+    def _issue_accept(self, listener: socket.socket) -> asyncio.Future[tuple[socket.socket, Any]]:
+        future = self._backend.accept(self._loop, listener)
+        introspection.record(future, "accept", 0)
+        return future
+
+    async def _accept_loop(
+        self, listener: socket.socket, first: asyncio.Future[tuple[socket.socket, Any]] | None
+    ) -> None:
         while True:
             try:
-                future = self._backend.accept(self._loop, listener)
-                introspection.record(future, "accept", 0)
+                future = first if first is not None else self._issue_accept(listener)
+                first = None
                 try:
                     conn, address = await future
                 except asyncio.CancelledError:
