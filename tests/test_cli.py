@@ -8,6 +8,7 @@ real SIGINT, which Wine delivers to the Windows process as a console Ctrl-C.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,12 +17,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from iocp_echo import cli
+from iocp_echo import cli, inspector
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = str(ROOT / "examples" / "echo.py")
@@ -232,3 +234,128 @@ def test_wine_cli_error_exits(wine_python: str, args: list[str]) -> None:
     assert process.returncode == expected, err
     assert "Traceback" not in err
     assert "error:" in err
+
+
+def test_inspect_formats_a_snapshot_as_a_table() -> None:
+    snapshot = {
+        "server": {"backend": "IOCP", "host": "127.0.0.1", "port": 9000, "python": "3.13.2"},
+        "stats": {
+            "open_connections": 1,
+            "total_connections": 2,
+            "bytes_received": 10,
+            "bytes_sent": 10,
+        },
+        "operations": [
+            {
+                "kind": "accept",
+                "state": "pending",
+                "fileno": 100,
+                "local": ["127.0.0.1", 9000],
+                "peer": None,
+                "nbytes": 0,
+                "age": 1.5,
+            },
+            {
+                "kind": "recv",
+                "state": "pending",
+                "fileno": 104,
+                "local": ["127.0.0.1", 9000],
+                "peer": ["127.0.0.1", 50000],
+                "nbytes": 65535,
+                "age": 0.25,
+            },
+        ],
+        "operations_unavailable": None,
+    }
+    lines = inspector.format_snapshot(snapshot).splitlines()
+    assert lines[1].split() == ["KIND", "STATE", "FD", "LOCAL", "PEER", "BYTES", "AGE"]
+    assert lines[2].split() == ["accept", "pending", "100", "127.0.0.1:9000", "-", "0", "1.500s"]
+    assert lines[3].split() == [
+        "recv",
+        "pending",
+        "104",
+        "127.0.0.1:9000",
+        "127.0.0.1:50000",
+        "65535",
+        "0.250s",
+    ]
+    assert lines[-1] == "2 pending operation(s)"
+    snapshot["operations_unavailable"] = "IocpProactor._cache is missing or not a dict"
+    assert "unavailable: IocpProactor._cache" in inspector.format_snapshot(snapshot)
+
+
+def test_inspect_without_a_server_exits_1_with_one_line() -> None:
+    result = run_cli("inspect", f"127.0.0.1:{_free_port()}", module=True)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("iocp-echo inspect: cannot read")
+
+
+@pytest.mark.wine_cli
+def test_wine_cli_admin_endpoint_inspect_and_stats(wine_python: str) -> None:
+    process = start_under_wine(
+        wine_python,
+        "--port",
+        "0",
+        "--admin-port",
+        "0",
+        "--stats-every",
+        "0.3",
+        "--stuck-after",
+        "0.5",
+    )
+    try:
+        assert process.stdout is not None
+        match = LISTENING.search(process.stdout.readline())
+        assert match
+        port = int(match.group(1))
+        admin_line = process.stdout.readline()
+        admin_match = re.search(r"admin snapshot on http://127\.0\.0\.1:(\d+)/", admin_line)
+        assert admin_match, admin_line
+        admin_port = admin_match.group(1)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            client.sendall(b"ping")
+            assert client.recv(4) == b"ping"
+            me = "{}:{}".format(*client.getsockname())
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/", timeout=30) as r:
+                snapshot = json.load(r)
+            assert snapshot["stats"]["open_connections"] == 1
+            assert ["127.0.0.1", client.getsockname()[1]] in [
+                op["peer"] for op in snapshot["operations"]
+            ]
+            inspect = subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT / "tools" / "winpy.py"),
+                    "--python",
+                    wine_python,
+                    "-m",
+                    "iocp_echo",
+                    "inspect",
+                    f"127.0.0.1:{admin_port}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+            )
+            assert inspect.returncode == 0, inspect.stderr
+            rows = [line.split() for line in inspect.stdout.splitlines()]
+            assert ["KIND", "STATE", "FD", "LOCAL", "PEER", "BYTES", "AGE"] in rows
+            assert any(row[:2] == ["recv", "pending"] and row[4] == me for row in rows), rows
+            # Wait, bounded, for the periodic report to call this client's read stuck.
+            deadline = time.monotonic() + 30
+            seen = ""
+            assert process.stderr is not None
+            os.set_blocking(process.stderr.fileno(), False)
+            while time.monotonic() < deadline and f"peer {me}" not in seen:
+                chunk = process.stderr.read()
+                seen += chunk or ""
+                time.sleep(0.1)
+        assert "connections open=1" in seen
+        assert "recv operation pending for" in seen and f"peer {me}" in seen
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=60)
+    assert process.returncode == 0
