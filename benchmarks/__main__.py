@@ -1,0 +1,10 @@
+"""``python -m benchmarks run [--quick]`` (see benchmarks/README.md)."""
+
+import sys
+
+from .run import main
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["run"]:
+        sys.exit("usage: python -m benchmarks run [--quick] [--repeats N] [--only NAMES]")
+    sys.exit(main(sys.argv[2:]))

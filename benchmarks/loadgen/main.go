@@ -1,0 +1,182 @@
+// loadgen: the benchmark's load generator, after vmbench's echo_client.
+//
+// Why Go: on a 2-core machine the client shares the CPU with the server it measures; a
+// compiled client with goroutines costs a fraction of the server's CPU per request, so the
+// servers, not the client, set the pace (the report shows this: the same client drives
+// Go's own echo server several times faster than any Python server).
+//
+// Modes:
+//   echo  -conns N -size S: N connections, one request in flight on each: send S bytes,
+//         read S bytes back, repeat.  Counts and times only requests completed in the
+//         measuring window (after -warmup).
+//   churn -conns N -size S: N workers each connect, echo one S-byte message, close, repeat.
+//   idle  -conns N: open N connections, echo one byte on each, print "READY N", hold them
+//         until stdin closes, then close them.
+//
+// Output: one JSON object on stdout with raw counts and a latency histogram of 10 us buckets
+// (sparse [bucket, count] pairs); rates and percentiles are computed in Python
+// (benchmarks/stats.py), where they are unit-tested.
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+const bucketMicros = 10
+const buckets = 1000000 // 10 s
+
+var (
+	histogram [buckets + 1]uint64
+	requests  uint64
+	failures  uint64
+	phase     int32 // 0 warm-up, 1 measuring, 2 stopping
+)
+
+func record(start time.Time) {
+	if atomic.LoadInt32(&phase) != 1 {
+		return
+	}
+	b := int(time.Since(start).Microseconds() / bucketMicros)
+	if b > buckets {
+		b = buckets
+	}
+	atomic.AddUint64(&histogram[b], 1)
+	atomic.AddUint64(&requests, 1)
+}
+
+func echoWorker(addr string, size int, wg *sync.WaitGroup) {
+	defer wg.Done()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		atomic.AddUint64(&failures, 1)
+		return
+	}
+	defer conn.Close()
+	msg := make([]byte, size)
+	for i := range msg {
+		msg[i] = 'x'
+	}
+	reply := make([]byte, size)
+	for atomic.LoadInt32(&phase) < 2 {
+		start := time.Now()
+		if _, err := conn.Write(msg); err != nil {
+			atomic.AddUint64(&failures, 1)
+			return
+		}
+		if _, err := io.ReadFull(conn, reply); err != nil {
+			atomic.AddUint64(&failures, 1)
+			return
+		}
+		record(start)
+	}
+}
+
+func churnWorker(addr string, size int, wg *sync.WaitGroup) {
+	defer wg.Done()
+	msg := make([]byte, size)
+	reply := make([]byte, size)
+	for atomic.LoadInt32(&phase) < 2 {
+		start := time.Now()
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			atomic.AddUint64(&failures, 1)
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		_, err = conn.Write(msg)
+		if err == nil {
+			_, err = io.ReadFull(conn, reply)
+		}
+		conn.Close()
+		if err != nil {
+			atomic.AddUint64(&failures, 1)
+			continue
+		}
+		record(start)
+	}
+}
+
+func idle(addr string, n int) map[string]interface{} {
+	conns := make([]net.Conn, 0, n)
+	one := []byte{'x'}
+	for i := 0; i < n; i++ {
+		conn, err := net.DialTimeout("tcp", addr, 30*time.Second)
+		if err == nil {
+			_, err = conn.Write(one)
+		}
+		if err == nil {
+			conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+			_, err = io.ReadFull(conn, make([]byte, 1))
+		}
+		if err != nil {
+			failures++
+			continue
+		}
+		conns = append(conns, conn)
+	}
+	fmt.Fprintf(os.Stderr, "READY %d\n", len(conns))
+	io.Copy(io.Discard, bufio.NewReader(os.Stdin)) // hold until stdin closes
+	for _, c := range conns {
+		c.Close()
+	}
+	return map[string]interface{}{"mode": "idle", "connections": len(conns), "failures": failures}
+}
+
+func main() {
+	addr := flag.String("addr", "127.0.0.1:25000", "server address")
+	mode := flag.String("mode", "echo", "echo, churn or idle")
+	conns := flag.Int("conns", 20, "connections (echo, idle) or workers (churn)")
+	size := flag.Int("size", 1024, "message size in bytes")
+	duration := flag.Float64("duration", 5, "measuring window, seconds")
+	warmup := flag.Float64("warmup", 1, "warm-up before measuring, seconds")
+	flag.Parse()
+
+	if *mode == "idle" {
+		json.NewEncoder(os.Stdout).Encode(idle(*addr, *conns))
+		return
+	}
+	worker := echoWorker
+	if *mode == "churn" {
+		worker = churnWorker
+	}
+	var wg sync.WaitGroup
+	for i := 0; i < *conns; i++ {
+		wg.Add(1)
+		go worker(*addr, *size, &wg)
+	}
+	time.Sleep(time.Duration(*warmup * float64(time.Second)))
+	var before syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &before)
+	started := time.Now()
+	atomic.StoreInt32(&phase, 1)
+	time.Sleep(time.Duration(*duration * float64(time.Second)))
+	atomic.StoreInt32(&phase, 2)
+	elapsed := time.Since(started).Seconds()
+	var after syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &after)
+	wg.Wait()
+	sparse := [][2]uint64{}
+	for b, count := range histogram {
+		if count > 0 {
+			sparse = append(sparse, [2]uint64{uint64(b), count})
+		}
+	}
+	cpu := func(r syscall.Rusage) float64 {
+		return float64(r.Utime.Sec+r.Stime.Sec) + float64(r.Utime.Usec+r.Stime.Usec)/1e6
+	}
+	json.NewEncoder(os.Stdout).Encode(map[string]interface{}{
+		"mode": *mode, "conns": *conns, "size": *size, "elapsed": elapsed,
+		"requests": requests, "failures": failures, "bucket_us": bucketMicros,
+		"histogram": sparse, "client_cpu_s": cpu(after) - cpu(before),
+	})
+}

@@ -1,0 +1,67 @@
+"""The benchmark's arithmetic: rates and latency percentiles from the load generator's raw
+counts and histogram.  Kept apart (and unit-tested in tests/test_bench_stats.py) so that the
+numbers in the report can be trusted."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+MIB = 1024 * 1024
+
+
+def percentile(histogram: Sequence[Sequence[int]], q: float, bucket_us: float) -> float | None:
+    """The latency, in microseconds, under which *q* percent of requests completed.
+
+    *histogram* is sparse ``[bucket, count]`` pairs, a bucket being ``bucket_us`` wide; the
+    answer is the upper edge of the bucket holding the request of rank ``ceil(q% * total)``,
+    so it never understates.  None when there were no requests.
+    """
+    if not 0 < q <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {q}")
+    total = sum(count for _, count in histogram)
+    if total == 0:
+        return None
+    rank = math.ceil(q / 100 * total)
+    seen = 0
+    for bucket, count in sorted(histogram):
+        seen += count
+        if seen >= rank:
+            return (bucket + 1) * bucket_us
+    raise AssertionError("unreachable: rank <= total")
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    """Requests/s, MiB/s (one direction, as vmbench) and p50/p90/p99/p99.9 from one run."""
+    elapsed = raw["elapsed"]
+    requests = raw["requests"]
+    histogram, bucket = raw["histogram"], raw["bucket_us"]
+    return {
+        "rps": requests / elapsed,
+        "mib_s": requests * raw["size"] / MIB / elapsed,
+        "p50_us": percentile(histogram, 50, bucket),
+        "p90_us": percentile(histogram, 90, bucket),
+        "p99_us": percentile(histogram, 99, bucket),
+        "p999_us": percentile(histogram, 99.9, bucket),
+        "failures": raw["failures"],
+        "client_cpu": raw["client_cpu_s"] / elapsed,  # cores the client used
+    }
+
+
+def median_record(records: Iterable[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
+    """Merge repeated runs: the median of each numeric key (None values ignored)."""
+    records = list(records)
+    merged = dict(records[0])
+    for key in keys:
+        values = [r[key] for r in records if r.get(key) is not None]
+        merged[key] = statistics.median(values) if values else None
+    merged["repeats"] = len(records)
+    return merged
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    if not ours or not theirs:
+        return None
+    return ours / theirs
