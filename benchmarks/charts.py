@@ -9,13 +9,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def main(folder: Path) -> None:
     records = json.loads((folder / "latest.json").read_text())
-    for platform_name, title in (("wine", "under Wine (Windows CPython 3.13)"),
-                                 ("linux", "native Linux")):
+    for platform_name, title in (
+        ("wine", "under Wine (Windows CPython 3.13)"),
+        ("linux", "native Linux"),
+    ):
         echo = [r for r in records if r["platform"] == platform_name and r["mode"] == "echo"]
         if not echo:
             continue
@@ -26,11 +28,19 @@ def main(folder: Path) -> None:
         for index, (server, runtime) in enumerate(names):
             values = []
             for point in points:
-                match = [r for r in echo if (r["server"], r["runtime"]) == (server, runtime)
-                         and (r["msg_size"], r["concurrency"]) == point]
+                match = [
+                    r
+                    for r in echo
+                    if (r["server"], r["runtime"]) == (server, runtime)
+                    and (r["msg_size"], r["concurrency"]) == point
+                ]
                 values.append(match[0]["rps"] if match else 0)
-            axes.bar([i + index * width for i in range(len(points))], values, width,
-                     label=f"{server} ({runtime})")
+            axes.bar(
+                [i + index * width for i in range(len(points))],
+                values,
+                width,
+                label=f"{server} ({runtime})",
+            )
         axes.set_xticks([i + 0.4 - width / 2 for i in range(len(points))])
         axes.set_xticklabels([f"{s} B\n×{c}" for s, c in points])
         axes.set_ylabel("requests/s (median)")

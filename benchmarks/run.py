@@ -42,8 +42,17 @@ WINE_SITE = CACHE / "wine-site313"
 VENV = ROOT / ".cache" / "venv" / "bench"
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVER_CPU, CLIENT_CPU = {1}, {0}
-NUMERIC = ("rps", "mib_s", "p50_us", "p90_us", "p99_us", "p999_us", "rss_kib_per_conn",
-           "client_cpu", "failures")
+NUMERIC = (
+    "rps",
+    "mib_s",
+    "p50_us",
+    "p90_us",
+    "p99_us",
+    "p999_us",
+    "rss_kib_per_conn",
+    "client_cpu",
+    "failures",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,22 +67,48 @@ def servers() -> list[Server]:
     site = winpy.to_windows_path(WINE_SITE)
     asyncio_echo = "benchmarks/servers/asyncio_echo.py"
     return [
-        Server("iocp_echo", "wine-3.13", "wine",
-               ("py", "examples/echo.py", "--port", "{port}", "--log-level", "ERROR")),
-        Server("asyncio-proactor-protocol", "wine-3.13", "wine",
-               ("py", asyncio_echo, "--port", "{port}")),
-        Server("asyncio-proactor-streams", "wine-3.13", "wine",
-               ("py", asyncio_echo, "--port", "{port}", "--streams")),
-        Server("winloop", "wine-3.13", "wine",
-               ("py", asyncio_echo, "--port", "{port}", "--loop", "winloop", "--site", site)),
-        Server("go", "wine-go", "wine", ("exe", str(BIN / "goecho.exe"), "-addr",
-                                         "127.0.0.1:{port}")),
-        Server("asyncio-selector-protocol", "linux-3.13", "linux",
-               ("native-py", asyncio_echo, "--port", "{port}")),
-        Server("uvloop", "linux-3.13", "linux",
-               ("native-py", asyncio_echo, "--port", "{port}", "--loop", "uvloop")),
-        Server("go", "linux-go", "linux", ("native", str(BIN / "goecho"), "-addr",
-                                          "127.0.0.1:{port}")),
+        Server(
+            "iocp_echo",
+            "wine-3.13",
+            "wine",
+            ("py", "examples/echo.py", "--port", "{port}", "--log-level", "ERROR"),
+        ),
+        Server(
+            "asyncio-proactor-protocol",
+            "wine-3.13",
+            "wine",
+            ("py", asyncio_echo, "--port", "{port}"),
+        ),
+        Server(
+            "asyncio-proactor-streams",
+            "wine-3.13",
+            "wine",
+            ("py", asyncio_echo, "--port", "{port}", "--streams"),
+        ),
+        Server(
+            "winloop",
+            "wine-3.13",
+            "wine",
+            ("py", asyncio_echo, "--port", "{port}", "--loop", "winloop", "--site", site),
+        ),
+        Server(
+            "go", "wine-go", "wine", ("exe", str(BIN / "goecho.exe"), "-addr", "127.0.0.1:{port}")
+        ),
+        Server(
+            "asyncio-selector-protocol",
+            "linux-3.13",
+            "linux",
+            ("native-py", asyncio_echo, "--port", "{port}"),
+        ),
+        Server(
+            "uvloop",
+            "linux-3.13",
+            "linux",
+            ("native-py", asyncio_echo, "--port", "{port}", "--loop", "uvloop"),
+        ),
+        Server(
+            "go", "linux-go", "linux", ("native", str(BIN / "goecho"), "-addr", "127.0.0.1:{port}")
+        ),
     ]
 
 
@@ -89,25 +124,48 @@ def provision() -> None:
     if shutil.which("go") is None:
         say("installing Debian's golang-go")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                        "golang-go"], check=True, env=env)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "golang-go"],
+            check=True,
+            env=env,
+        )
     BIN.mkdir(parents=True, exist_ok=True)
-    go_env = dict(os.environ, GOFLAGS="-mod=mod", GOCACHE=str(CACHE / "gocache"),
-                  CGO_ENABLED="0")
-    for source, target, goos in (("loadgen", "loadgen", "linux"),
-                                 ("servers/goecho", "goecho", "linux"),
-                                 ("servers/goecho", "goecho.exe", "windows")):
+    go_env = dict(os.environ, GOFLAGS="-mod=mod", GOCACHE=str(CACHE / "gocache"), CGO_ENABLED="0")
+    for source, target, goos in (
+        ("loadgen", "loadgen", "linux"),
+        ("servers/goecho", "goecho", "linux"),
+        ("servers/goecho", "goecho.exe", "windows"),
+    ):
         out = BIN / target
         if not out.exists():
             say(f"building {target}")
-            subprocess.run(["go", "build", "-o", str(out), "."], check=True,
-                           cwd=Path(__file__).parent / source, env=dict(go_env, GOOS=goos))
+            subprocess.run(
+                ["go", "build", "-o", str(out), "."],
+                check=True,
+                cwd=Path(__file__).parent / source,
+                env=dict(go_env, GOOS=goos),
+            )
     winpy.provision("3.13")
     if not (WINE_SITE / "winloop").exists():
         say("installing winloop for Windows CPython 3.13")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target",
-                        str(WINE_SITE), "--platform", "win_amd64", "--python-version", "3.13",
-                        "--only-binary=:all:", *report.bench_requirements("wine")], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--target",
+                str(WINE_SITE),
+                "--platform",
+                "win_amd64",
+                "--python-version",
+                "3.13",
+                "--only-binary=:all:",
+                *report.bench_requirements("wine"),
+            ],
+            check=True,
+        )
     requirements = report.bench_requirements("linux")
     digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()
     stamp = VENV / ".requirements.sha256"
@@ -118,8 +176,9 @@ def provision() -> None:
 
         shutil.rmtree(VENV, ignore_errors=True)
         subprocess.run([check.find_interpreter("3.13"), "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(VENV / "bin" / "python"), "-m", "pip", "install", "-q",
-                        *requirements], check=True)
+        subprocess.run(
+            [str(VENV / "bin" / "python"), "-m", "pip", "install", "-q", *requirements], check=True
+        )
         stamp.write_text(digest)
 
 
@@ -135,6 +194,7 @@ def _free_port() -> int:
 def _pin(cpus: set[int]) -> Any:
     def pin() -> None:
         os.sched_setaffinity(0, cpus)
+
     return pin
 
 
@@ -188,8 +248,13 @@ class Running:
         self.port = _free_port()
         argv, env = _argv(server, self.port)
         self.process = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, preexec_fn=_pin(SERVER_CPU),
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_pin(SERVER_CPU),
         )
         deadline = time.monotonic() + 60
         while True:
@@ -220,8 +285,12 @@ class Running:
 
 def loadgen(port: int, *args: str) -> dict[str, Any]:
     result = subprocess.run(
-        [str(BIN / "loadgen"), "-addr", f"127.0.0.1:{port}", *args], capture_output=True,
-        text=True, timeout=600, preexec_fn=_pin(CLIENT_CPU), check=True,
+        [str(BIN / "loadgen"), "-addr", f"127.0.0.1:{port}", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_pin(CLIENT_CPU),
+        check=True,
     )
     raw: dict[str, Any] = json.loads(result.stdout)
     return raw
@@ -230,9 +299,20 @@ def loadgen(port: int, *args: str) -> dict[str, Any]:
 def measure_idle(running: Running, count: int) -> dict[str, Any]:
     before = _rss_kib(running.process.pid)
     process = subprocess.Popen(
-        [str(BIN / "loadgen"), "-addr", f"127.0.0.1:{running.port}", "-mode", "idle",
-         "-conns", str(count)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, preexec_fn=_pin(CLIENT_CPU),
+        [
+            str(BIN / "loadgen"),
+            "-addr",
+            f"127.0.0.1:{running.port}",
+            "-mode",
+            "idle",
+            "-conns",
+            str(count),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_pin(CLIENT_CPU),
     )
     assert process.stderr is not None and process.stdin is not None
     ready = process.stderr.readline()
@@ -241,9 +321,13 @@ def measure_idle(running: Running, count: int) -> dict[str, Any]:
     after = _rss_kib(running.process.pid)
     process.stdin.close()
     process.wait(120)
-    return {"mode": "idle", "concurrency": count, "msg_size": 1,
-            "rss_kib_per_conn": (after - before) / opened if opened else None,
-            "failures": count - opened}
+    return {
+        "mode": "idle",
+        "concurrency": count,
+        "msg_size": 1,
+        "rss_kib_per_conn": (after - before) / opened if opened else None,
+        "failures": count - opened,
+    }
 
 
 # -- the matrix ----------------------------------------------------------------------------
@@ -261,7 +345,7 @@ class Plan:
 
 
 QUICK = Plan([1024], [20], 2.0, 0.5, 1, 20, [1000])
-FULL = Plan([64, 1024, 16384, 65536], [1, 20, 100, 1000], 4.0, 1.0, 3, 20, [1000, 5000])
+FULL = Plan([64, 1024, 16384, 65536], [1, 20, 100, 1000], 2.5, 0.5, 3, 20, [1000, 5000])
 
 
 def run_server(server: Server, plan: Plan) -> list[dict[str, Any]]:
@@ -271,26 +355,62 @@ def run_server(server: Server, plan: Plan) -> list[dict[str, Any]]:
     try:
         for size in plan.sizes:
             for conns in plan.concurrencies:
-                raw = loadgen(running.port, "-mode", "echo", "-conns", str(conns), "-size",
-                              str(size), "-duration", str(plan.duration), "-warmup",
-                              str(plan.warmup))
-                record = {**base, "mode": "echo", "msg_size": size, "concurrency": conns,
-                          **stats.summarize(raw), "rss_kib_per_conn": None}
-                say(f"{server.name:<27} {server.runtime:<10} echo {size:>6} B x {conns:>4}: "
+                raw = loadgen(
+                    running.port,
+                    "-mode",
+                    "echo",
+                    "-conns",
+                    str(conns),
+                    "-size",
+                    str(size),
+                    "-duration",
+                    str(plan.duration),
+                    "-warmup",
+                    str(plan.warmup),
+                )
+                record = {
+                    **base,
+                    "mode": "echo",
+                    "msg_size": size,
+                    "concurrency": conns,
+                    **stats.summarize(raw),
+                    "rss_kib_per_conn": None,
+                }
+                say(
+                    f"{server.name:<27} {server.runtime:<10} echo {size:>6} B x {conns:>4}: "
                     f"{record['rps']:>9.0f} req/s p99 {record['p99_us']} us "
-                    f"(client {record['client_cpu']:.2f} cores)")
+                    f"(client {record['client_cpu']:.2f} cores)"
+                )
                 records.append(record)
-        raw = loadgen(running.port, "-mode", "churn", "-conns", str(plan.churn_workers),
-                      "-size", "64", "-duration", str(plan.duration), "-warmup",
-                      str(plan.warmup))
-        record = {**base, "mode": "churn", "msg_size": 64, "concurrency": plan.churn_workers,
-                  **stats.summarize(raw), "rss_kib_per_conn": None}
+        raw = loadgen(
+            running.port,
+            "-mode",
+            "churn",
+            "-conns",
+            str(plan.churn_workers),
+            "-size",
+            "64",
+            "-duration",
+            str(plan.duration),
+            "-warmup",
+            str(plan.warmup),
+        )
+        record = {
+            **base,
+            "mode": "churn",
+            "msg_size": 64,
+            "concurrency": plan.churn_workers,
+            **stats.summarize(raw),
+            "rss_kib_per_conn": None,
+        }
         say(f"{server.name:<27} {server.runtime:<10} churn: {record['rps']:.0f} conn/s")
         records.append(record)
         for count in plan.idle_counts:
             record = {**base, **measure_idle(running, count)}
-            say(f"{server.name:<27} {server.runtime:<10} idle {count}: "
-                f"{record['rss_kib_per_conn']} KiB/conn")
+            say(
+                f"{server.name:<27} {server.runtime:<10} idle {count}: "
+                f"{record['rss_kib_per_conn']} KiB/conn"
+            )
             records.append(record)
     finally:
         running.stop()
@@ -307,8 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     if options.repeats:
         plan.repeats = options.repeats
     provision()
-    subprocess.run([str(winpy.WINESERVER), "-k"], env=winpy.wine_environment(),
-                   capture_output=True)  # restart it pinned with the servers
+    subprocess.run(
+        [str(winpy.WINESERVER), "-k"], env=winpy.wine_environment(), capture_output=True
+    )  # restart it pinned with the servers
     chosen = [s for s in servers() if not options.only or s.name in options.only.split(",")]
     started = time.monotonic()
     raw_records: list[dict[str, Any]] = []
@@ -318,14 +439,23 @@ def main(argv: list[str] | None = None) -> int:
             raw_records.extend(run_server(server, plan))
     grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for record in raw_records:
-        key = (record["server"], record["runtime"], record["mode"], record["msg_size"],
-               record["concurrency"])
+        key = (
+            record["server"],
+            record["runtime"],
+            record["mode"],
+            record["msg_size"],
+            record["concurrency"],
+        )
         grouped.setdefault(key, []).append(record)
     records = [stats.median_record(group, NUMERIC) for group in grouped.values()]
     machine = {
-        "cpus": os.cpu_count(), "cpu": report.cpu_model(), "kernel": platform.release(),
-        "wine": report.wine_version(), "linux_python": report.venv_python_version(VENV),
-        "plan": dataclasses.asdict(plan), "quick": options.quick,
+        "cpus": os.cpu_count(),
+        "cpu": report.cpu_model(),
+        "kernel": platform.release(),
+        "wine": report.wine_version(),
+        "linux_python": report.venv_python_version(VENV),
+        "plan": dataclasses.asdict(plan),
+        "quick": options.quick,
         "minutes": round((time.monotonic() - started) / 60, 1),
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -333,8 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "latest.json").write_text(json.dumps(records, indent=1) + "\n")
     (RESULTS / "machine.json").write_text(json.dumps(machine, indent=1) + "\n")
     (RESULTS / "latest.md").write_text(report.markdown(records, machine))
-    charts = subprocess.run([str(VENV / "bin" / "python"), "-m", "benchmarks.charts",
-                             str(RESULTS)], cwd=ROOT)
+    charts = subprocess.run(
+        [str(VENV / "bin" / "python"), "-m", "benchmarks.charts", str(RESULTS)], cwd=ROOT
+    )
     if charts.returncode != 0:
         say("charts failed (matplotlib missing?)")
     print((RESULTS / "latest.md").read_text())

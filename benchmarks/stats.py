@@ -26,7 +26,7 @@ def percentile(histogram: Sequence[Sequence[int]], q: float, bucket_us: float) -
         return None
     rank = math.ceil(q / 100 * total)
     seen = 0
-    for bucket, count in sorted(histogram):
+    for bucket, count in sorted(histogram, key=lambda pair: pair[0]):
         seen += count
         if seen >= rank:
             return (bucket + 1) * bucket_us

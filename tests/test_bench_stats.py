@@ -35,8 +35,15 @@ def test_percentiles_agree_with_sorting_the_samples(samples: list[int]) -> None:
 
 
 def test_summary_rates() -> None:
-    raw = {"elapsed": 2.0, "requests": 4096, "size": 1024, "histogram": [[5, 4096]],
-           "bucket_us": 10, "failures": 0, "client_cpu_s": 0.5}
+    raw = {
+        "elapsed": 2.0,
+        "requests": 4096,
+        "size": 1024,
+        "histogram": [[5, 4096]],
+        "bucket_us": 10,
+        "failures": 0,
+        "client_cpu_s": 0.5,
+    }
     summary = stats.summarize(raw)
     assert summary["rps"] == 2048
     assert summary["mib_s"] == 2.0  # 4096 KiB in 2 s
