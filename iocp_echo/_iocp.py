@@ -98,3 +98,14 @@ def accept(
                 exc,
             )
         return asyncio.ensure_future(loop.sock_accept(listener))
+
+
+def operations(
+    loop: asyncio.AbstractEventLoop,
+) -> list[tuple[asyncio.Future[Any], Any, str | None, int | None, float | None, str]]:
+    """The proactor's in-flight operations as ``(future, socket, kind, nbytes, started,
+    callback name)``; IOCP records no kind, size or start, so those are None here."""
+    return [
+        (future, obj, None, None, None, callback)
+        for future, _ov, obj, callback in _private.overlapped_cache(loop)
+    ]

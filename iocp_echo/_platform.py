@@ -32,6 +32,16 @@ class Backend(Protocol):
         self, loop: asyncio.AbstractEventLoop, listener: socket.socket
     ) -> asyncio.Future[tuple[socket.socket, Any]]: ...
 
+    def operations(
+        self, loop: asyncio.AbstractEventLoop
+    ) -> list[tuple[asyncio.Future[Any], Any, str | None, int | None, float | None, str]]:
+        """In-flight operations: (future, socket, kind, nbytes, started, callback name), the
+        unknowns None; raises LookupError, with the reason, when they cannot be read."""
+        ...
+
+
+_probed: dict[str, UnsupportedPlatformError | None] = {}
+
 
 def backend(platform: str | None = None) -> Backend:
     """The completion backend for *platform* (default: this one), or
@@ -41,16 +51,22 @@ def backend(platform: str | None = None) -> Backend:
     if platform == "win32":
         from . import _iocp as module
     elif platform.startswith("linux"):
-        raise UnsupportedPlatformError(
-            "iocp_echo has no completion backend on Linux yet: I/O completion ports exist only "
-            "on Windows. Run it on Windows, or on Linux under Wine with Windows CPython: "
-            "python tools/winpy.py --python 3.13 examples/echo.py"
-        )
+        from . import _uring as module
+
+        if platform == sys.platform:  # probe the real kernel once
+            if "linux" not in _probed:
+                try:
+                    module.probe()
+                    _probed["linux"] = None
+                except UnsupportedPlatformError as exc:
+                    _probed["linux"] = exc
+            if _probed["linux"] is not None:
+                raise _probed["linux"]
     else:
         raise UnsupportedPlatformError(
-            f"iocp_echo has no completion backend for {platform!r}: it needs Windows I/O "
-            "completion ports. Run it on Windows (or under Wine with Windows CPython: "
-            "python tools/winpy.py --python 3.13 examples/echo.py)."
+            f"iocp_echo has no completion backend for {platform!r}: it runs on Windows (I/O "
+            "completion ports) and Linux (io_uring). On this system, run it under Wine with "
+            "Windows CPython: python tools/winpy.py --python 3.13 examples/echo.py"
         )
     return cast(Backend, module)
 

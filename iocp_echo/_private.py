@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 
-class InternalsUnavailable(Exception):
+class InternalsUnavailable(LookupError):
     """A private CPython internal iocp_echo relies on is missing or has another shape."""
 
 

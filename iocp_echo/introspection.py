@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from . import _private
+from . import _platform, _private
 
 __all__ = [
     "IntrospectionUnavailable",
@@ -149,15 +149,15 @@ def collect(
     and write are recognised, and the read's start time known.
     """
     try:
-        entries = _private.overlapped_cache(loop)
-    except _private.InternalsUnavailable as exc:
+        entries = _platform.backend().operations(loop)
+    except LookupError as exc:
         raise IntrospectionUnavailable(str(exc)) from None
     wanted = None if sockets is None else {id(s) for s in sockets}
     owners = owners or {}
     self_pipe = getattr(loop, "_ssock", None)
     now = time.monotonic()
     operations = []
-    for future, _ov, obj, callback_name in entries:
+    for future, obj, known_kind, known_nbytes, known_started, callback_name in entries:
         if wanted is not None and id(obj) not in wanted:
             continue
         kind: Kind
@@ -169,6 +169,9 @@ def collect(
         issued = _issued.get(future)
         if issued is not None:
             kind, nbytes, started = issued
+        elif known_kind is not None:  # a backend that records what it issues
+            kind, nbytes = known_kind, known_nbytes  # type: ignore[assignment]
+            started = known_started if known_started is not None else now
         elif transport_op is not None:
             kind, nbytes = transport_op
             # The transport issues its next read as it delivers the last one.

@@ -205,6 +205,7 @@ class EchoServer:
         self._write_high_water = write_high_water
         self._shutdown_timeout = shutdown_timeout
         self._accept_tasks: list[asyncio.Task[None]] = []
+        self._accepts: set[asyncio.Future[tuple[socket.socket, Any]]] = set()
         self._setup_tasks: set[asyncio.Task[None]] = set()
         self._connections: set[EchoProtocol] = set()
         self._no_connections = asyncio.Event()
@@ -311,7 +312,11 @@ class EchoServer:
             return
         self._closing = True
         for task in self._accept_tasks:
-            task.cancel()  # cancels the task's pending AcceptEx at once
+            task.cancel()
+        # Cancel the accepts themselves too: a task cancelled before it first ran never
+        # awaits the accept _start() posted for it.
+        for future in list(self._accepts):
+            self._abandon_accept(future)
         for listener in self._listeners:
             listener.close()
         self._shutdown_task = self._loop.create_task(self._shutdown())
@@ -376,7 +381,17 @@ class EchoServer:
     def _issue_accept(self, listener: socket.socket) -> asyncio.Future[tuple[socket.socket, Any]]:
         future = self._backend.accept(self._loop, listener)
         introspection.record(future, "accept", 0)
+        self._accepts.add(future)
+        future.add_done_callback(self._accepts.discard)
         return future
+
+    @staticmethod
+    def _abandon_accept(future: asyncio.Future[tuple[socket.socket, Any]]) -> None:
+        """Cancel an accept nobody will await, or close what it accepted."""
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled() and future.exception() is None:
+            future.result()[0].close()
 
     async def _accept_loop(
         self, listener: socket.socket, first: asyncio.Future[tuple[socket.socket, Any]] | None
@@ -388,8 +403,7 @@ class EchoServer:
                 try:
                     conn, address = await future
                 except asyncio.CancelledError:
-                    if future.done() and not future.cancelled() and future.exception() is None:
-                        future.result()[0].close()  # accepted just as we were cancelled
+                    self._abandon_accept(future)  # it may have accepted just as we were cancelled
                     raise
             except OSError as exc:
                 if self._closing:

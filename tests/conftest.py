@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -52,6 +53,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             _deselected["backend (no completion backend on this OS: run under Wine)"] = (
                 _deselected.get("backend (no completion backend on this OS: run under Wine)", 0) + 1
             )
+            drop.append(item)
+        elif item.get_closest_marker("iocp") and sys.platform != "win32":
+            key = "iocp (CPython's IocpProactor internals and bugs: Windows only)"
+            _deselected[key] = _deselected.get(key, 0) + 1
             drop.append(item)
         elif item.get_closest_marker("wine_cli") and not config.getoption("--wine-python"):
             key = "wine_cli (no --wine-python given)"

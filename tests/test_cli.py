@@ -79,10 +79,10 @@ def test_invalid_port_exits_1_with_one_line(port: str) -> None:
 
 
 def test_unsupported_platform_exits_1_with_one_line() -> None:
-    """Natively on Linux this is the real platform; on Windows the CLI is told it is Linux."""
-    pretend_linux = "import sys; sys.platform = 'linux'; from iocp_echo.cli import main; "
+    """The CLI is told it runs on macOS, which has no completion backend."""
+    pretend = "import sys; from iocp_echo.cli import main; sys.platform = 'darwin'; "
     result = subprocess.run(
-        [sys.executable, "-c", pretend_linux + "sys.exit(main(['--port', '0']))"],
+        [sys.executable, "-c", pretend + "sys.exit(main(['--port', '0']))"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,5 +1,6 @@
-"""The private CPython internals iocp_echo relies on, checked on every supported CPython,
-and the "unavailable" answers when they are not what is expected."""
+"""The private CPython internals iocp_echo relies on, checked on every supported Windows
+CPython, and the "unavailable" answers when they are not what is expected.  (They are the
+internals of CPython's IocpProactor: on Linux the proactor is iocp_echo's own.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from iocp_echo import _private
 
 from .helpers import connect, echo, wait_until
 
-pytestmark = pytest.mark.backend
+pytestmark = [pytest.mark.backend, pytest.mark.iocp]
 
 
 async def test_every_internal_is_available_on_this_cpython() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 import threading
 
 import pytest
@@ -67,8 +68,10 @@ async def test_reset_storm_keeps_listener_and_other_clients_alive(
         assert await echo(server.port, b"after the storm") == b"after the storm"
     stats = server.stats()
     assert stats.total_connections + stats.failed_accepts >= 300 + rounds + 20
-    # The storm did hit the accept path (resets before AcceptEx completed), not just reads.
-    assert stats.failed_accepts > 0
+    if sys.platform == "win32":
+        # The storm did hit the accept path (resets before AcceptEx completed), not just
+        # reads.  Linux completes such accepts and reports the reset on the first read.
+        assert stats.failed_accepts > 0
 
 
 async def test_reset_before_accept_completes_does_not_kill_listener() -> None:
@@ -119,6 +122,7 @@ async def test_client_reset_mid_echo_is_counted_and_others_unaffected(
     good.close()
 
 
+@pytest.mark.iocp
 async def test_stock_asyncio_server_loses_its_listener_to_the_same_storm() -> None:
     """Why the server owns its accept loop: under the same storm, ``loop.create_server()``'s
     accept loop (CPython gh-93821, still open) closes its listening socket for good.  If this

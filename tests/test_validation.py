@@ -50,19 +50,21 @@ async def test_bad_options_are_refused(name: str, value: object, error: type) ->
 
 
 def test_platforms_without_a_completion_backend_are_refused_with_directions() -> None:
-    for platform in ("linux", "darwin", "freebsd14"):
+    for platform in ("darwin", "freebsd14", "cygwin"):
         with pytest.raises(iocp_echo.UnsupportedPlatformError) as raised:
             _platform.backend(platform)
         assert "Windows" in str(raised.value)
         assert "tools/winpy.py" in str(raised.value)
     assert _platform.backend("win32").NAME.startswith("IOCP")
+    expected = "IOCP" if sys.platform == "win32" else "io_uring"
+    assert _platform.backend().NAME.startswith(expected)
 
 
 async def test_serve_echo_refuses_an_unsupported_platform_before_opening_a_socket(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     opened: list[object] = []
-    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(sys, "platform", "darwin")
     monkeypatch.setattr("iocp_echo.server._open_listeners", lambda *a: opened.append(a))
     with pytest.raises(iocp_echo.UnsupportedPlatformError, match="no completion backend"):
         await iocp_echo.serve_echo("127.0.0.1", 0)
@@ -143,4 +145,4 @@ async def test_port_zero_reports_the_real_port_and_addresses() -> None:
         assert server.host == "127.0.0.1"
         assert 1024 <= server.port <= 65535
         assert server.sockets[0].getsockname() == ("127.0.0.1", server.port)
-        assert "IOCP" in server.backend_name and sys.platform == "win32"
+        assert server.backend_name == _platform.backend().NAME
