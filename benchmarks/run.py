@@ -7,8 +7,8 @@ each figure is the median of its repeats.  Server and client are pinned to diffe
 
 Under Wine (Windows CPython 3.13): iocp_echo, the stock ProactorEventLoop with a Protocol echo,
 asyncio streams, winloop, and Go's net echo built for Windows.  Natively on Linux: the stock
-selector loop with the same Protocol, uvloop, and Go's native echo (iocp_echo has no Linux
-backend yet, so it is not in the Linux set).
+selector loop with the same Protocol, uvloop, Go's native echo, and iocp_echo on its io_uring
+backend.
 
 Writes ``benchmarks/results/latest.json``, ``latest.md`` and, with matplotlib, PNG charts.
 """

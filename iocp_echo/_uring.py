@@ -444,6 +444,7 @@ class UringProactor:
         self._ops: dict[int, _Operation] = {}
         self._unsubmitted: dict[int, _Operation] = {}
         self._cancels: list[int] = []
+        self._deferred: list[tuple[int, int]] = []
         self._next = 1
         self._stopped_serving: set[int] = set()
 
@@ -622,13 +623,18 @@ class UringProactor:
         future.set_exception(exc)
         return future
 
-    def _make_room(self, needed: int = 1) -> None:
-        if self._ring.space() < needed:
-            self._ring.enter(wait=False, timeout=None)  # full submission ring: hand it over
+    def _make_room(self) -> None:
+        """A full submission ring is handed to the kernel at once, mid-iteration."""
+        ring = self._ring
+        while ring.space() < 1:
+            ring.enter(wait=False, timeout=None)
             for operation in self._unsubmitted.values():
                 operation.submitted = True
             self._unsubmitted.clear()
-            self._complete(self._ring.reap())
+            if ring.space() < 1:
+                # The kernel took nothing (its completion backlog is full): make room there
+                # by reaping; the completions are delivered at the next select().
+                self._deferred.extend(ring.reap())
 
     def _submit(
         self,
@@ -674,8 +680,8 @@ class UringProactor:
 
     def _flush_cancels(self) -> None:
         while self._cancels:
-            self._make_room()
             target = self._cancels.pop()
+            self._make_room()
             self._ring.push(OP_ASYNC_CANCEL, -1, target, 0, 0, 0, _CANCEL_TAG | target)
 
     def _finish_operation(self, user_data: int) -> _Operation | None:
@@ -685,6 +691,9 @@ class UringProactor:
         return operation
 
     def _complete(self, completions: list[tuple[int, int]]) -> None:
+        if self._deferred:
+            completions = self._deferred + completions
+            self._deferred = []
         self._flush_cancels()
         for operation in self._unsubmitted.values():
             operation.submitted = True

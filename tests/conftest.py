@@ -58,6 +58,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             key = "iocp (CPython's IocpProactor internals and bugs: Windows only)"
             _deselected[key] = _deselected.get(key, 0) + 1
             drop.append(item)
+        elif item.get_closest_marker("uring") and not sys.platform.startswith("linux"):
+            key = "uring (the io_uring backend itself: Linux only)"
+            _deselected[key] = _deselected.get(key, 0) + 1
+            drop.append(item)
         elif item.get_closest_marker("wine_cli") and not config.getoption("--wine-python"):
             key = "wine_cli (no --wine-python given)"
             _deselected[key] = _deselected.get(key, 0) + 1
