@@ -95,6 +95,12 @@ def servers() -> list[Server]:
             "go", "wine-go", "wine", ("exe", str(BIN / "goecho.exe"), "-addr", "127.0.0.1:{port}")
         ),
         Server(
+            "iocp_echo",
+            "linux-3.13",
+            "linux",
+            ("native-py", "examples/echo.py", "--port", "{port}", "--log-level", "ERROR"),
+        ),
+        Server(
             "asyncio-selector-protocol",
             "linux-3.13",
             "linux",

@@ -58,6 +58,7 @@ _OPS_USED = {
 _SQE = struct.Struct("<BBHiQQIIQHHiQQ")  # struct io_uring_sqe, 64 bytes
 _CQE = struct.Struct("<QiI")  # struct io_uring_cqe, 16 bytes
 _POLLIN, _POLLOUT = 0x001, 0x004
+_MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)  # a plain int: IntFlag arithmetic is slow
 _CANCEL_TAG = 1 << 63  # user_data of our ASYNC_CANCEL operations
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -337,16 +338,24 @@ class _UringFuture(asyncio.Future[Any]):
 
 class _Operation:
     __slots__ = (
+        "addr",
         "buffer",
         "finish",
         "future",
         "kind",
+        "length",
         "nbytes",
         "obj",
+        "op_flags",
+        "opcode",
         "slot",
         "started",
         "submitted",
     )
+    opcode: int
+    addr: int
+    length: int
+    op_flags: int
 
     def __init__(
         self,
@@ -366,58 +375,6 @@ class _Operation:
         self.started = time.monotonic()
         self.slot = -1
         self.submitted = False
-
-
-class _SendAll:
-    """One logical send: SENDs resubmitted until every byte is gone, as ``WSASend`` does on a
-    stream socket (asyncio's transports ignore the count and expect all of it sent).
-
-    The kernel reads the caller's own buffer (no copy), which stays pinned until done.
-    """
-
-    def __init__(self, proactor: UringProactor, conn: socket.socket, buf: Any, flags: int) -> None:
-        self.proactor, self.conn, self.flags = proactor, conn, flags
-        self.anchor, self.address, self.size = _pin_for_reading(buf)
-        self.sent = 0
-        self.inner: asyncio.Future[Any] | None = None
-        self.outer: asyncio.Future[Any] = proactor._loop.create_future()  # type: ignore[union-attr]
-        self.outer.add_done_callback(self._cancel_inner)
-        self._step()
-
-    def _step(self) -> None:
-        rest = self.size - self.sent
-        self.inner = self.proactor._submit(
-            "send",
-            self.conn,
-            rest,
-            self.anchor,
-            OP_SEND,
-            self.address + self.sent,
-            rest,
-            self.flags,
-            finish=lambda n: n,
-        )
-        self.inner.add_done_callback(self._done)
-
-    def _done(self, inner: asyncio.Future[Any]) -> None:
-        outer = self.outer
-        if outer.done():
-            return
-        if inner.cancelled():
-            outer.cancel()
-        elif (exc := inner.exception()) is not None:
-            outer.set_exception(exc)
-        else:
-            self.sent += inner.result()
-            if self.sent >= self.size:
-                self.anchor = None
-                outer.set_result(self.size)
-            else:
-                self._step()
-
-    def _cancel_inner(self, outer: asyncio.Future[Any]) -> None:
-        if outer.cancelled() and self.inner is not None and not self.inner.done():
-            self.inner.cancel()
 
 
 def _pin_for_reading(buf: Any) -> tuple[Any, int, int]:
@@ -491,9 +448,12 @@ class UringProactor:
 
     def send(self, conn: socket.socket, buf: Any, flags: int = 0) -> asyncio.Future[Any]:
         """Complete only when every byte is sent: partial sends are resubmitted."""
-        if not len(memoryview(buf)):
+        anchor, address, size = _pin_for_reading(buf)  # the caller's memory, not a copy
+        if size == 0:
             return self._done(0)
-        return _SendAll(self, conn, buf, flags | socket.MSG_NOSIGNAL).outer
+        return self._submit(
+            "send", conn, size, anchor, OP_SEND, address, size, flags | _MSG_NOSIGNAL
+        )
 
     def accept(self, listener: socket.socket) -> asyncio.Future[Any]:
         def finish(fd: int) -> tuple[socket.socket, Any]:
@@ -659,12 +619,33 @@ class UringProactor:
         future._proactor = self
         future._user_data = user_data
         operation = _Operation(future, kind, obj, nbytes, buffer, finish)
+        operation.opcode, operation.addr = opcode, addr
+        operation.length, operation.op_flags = length, op_flags
         self._flush_cancels()
         self._make_room()
         operation.slot = self._ring.push(opcode, fd, addr, length, 0, op_flags, user_data)
         self._ops[user_data] = operation
         self._unsubmitted[user_data] = operation
         return future
+
+    def _send_rest(self, operation: _Operation, sent: int) -> None:
+        """A stream SEND that took part of the bytes: submit the rest under a new tag."""
+        operation.addr += sent
+        operation.length -= sent
+        fd = operation.obj.fileno()
+        if fd < 0:
+            operation.future.set_exception(OSError(errno.EBADF, "the socket was closed"))
+            return
+        user_data = self._next
+        self._next += 1
+        operation.future._user_data = user_data
+        operation.submitted = False
+        self._make_room()
+        operation.slot = self._ring.push(
+            OP_SEND, fd, operation.addr, operation.length, 0, operation.op_flags, user_data
+        )
+        self._ops[user_data] = operation
+        self._unsubmitted[user_data] = operation
 
     def _cancel(self, user_data: int) -> None:
         operation = self._ops.get(user_data)
@@ -685,10 +666,9 @@ class UringProactor:
             self._ring.push(OP_ASYNC_CANCEL, -1, target, 0, 0, 0, _CANCEL_TAG | target)
 
     def _finish_operation(self, user_data: int) -> _Operation | None:
-        operation = self._ops.pop(user_data, None)
-        if operation is not None:
-            operation.buffer = None
-        return operation
+        # Popped from the table, the operation (and the buffer it pins) lives on only while
+        # the caller holds it: a partial send resubmits it with the same buffer.
+        return self._ops.pop(user_data, None)
 
     def _complete(self, completions: list[tuple[int, int]]) -> None:
         if self._deferred:
@@ -721,6 +701,12 @@ class UringProactor:
                         errno.ECONNABORTED: ConnectionAbortedError,
                     }.get(code, OSError)
                     future.set_exception(exc_type(code, os.strerror(code)))
+                continue
+            if operation.opcode == OP_SEND and result < operation.length:
+                self._send_rest(operation, result)  # complete only when all is sent
+                continue
+            if operation.opcode == OP_SEND:
+                future.set_result(operation.nbytes)
                 continue
             try:
                 value = operation.finish(result) if operation.finish else result

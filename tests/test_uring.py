@@ -280,3 +280,26 @@ async def test_ten_thousand_concurrent_connections() -> None:
         await asyncio.wait_for(loop.run_in_executor(None, child.wait), 60)
         await wait_until(lambda: server.stats().open_connections == 0, timeout=60)
     assert_nothing_left(server)
+
+
+def test_large_send_completes_only_when_every_byte_is_sent(
+    small_loop: asyncio.AbstractEventLoop,
+) -> None:
+    """A 4 MiB send into a small socket buffer is taken in parts; the future completes once,
+    with the whole size, and the reader gets every byte in order."""
+    proactor = small_loop._proactor  # type: ignore[attr-defined]
+    a, b = _pairs(1)[0]
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    payload = os.urandom(4 * 1024 * 1024)
+
+    async def scenario() -> None:
+        sending = proactor.send(a, payload)
+        received = bytearray()
+        while len(received) < len(payload):
+            received += await asyncio.wait_for(proactor.recv(b, 65536), 10)
+        assert await asyncio.wait_for(sending, 10) == len(payload)
+        assert received == payload
+
+    small_loop.run_until_complete(scenario())
+    a.close()
+    b.close()
