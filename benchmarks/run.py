@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -154,38 +153,10 @@ def provision() -> None:
     winpy.provision("3.13")
     if not (WINE_SITE / "winloop").exists():
         say("installing winloop for Windows CPython 3.13")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--target",
-                str(WINE_SITE),
-                "--platform",
-                "win_amd64",
-                "--python-version",
-                "3.13",
-                "--only-binary=:all:",
-                *report.bench_requirements("wine"),
-            ],
-            check=True,
-        )
-    requirements = report.bench_requirements("linux")
-    digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()
-    stamp = VENV / ".requirements.sha256"
-    if not (stamp.exists() and stamp.read_text() == digest):
-        say(f"creating {VENV} with {', '.join(requirements)}")
-        sys.path.insert(0, str(ROOT / "tools"))
-        import check
+        winpy.install_for_windows(WINE_SITE, "3.13", report.bench_requirements("wine"))
+    import check  # tools/, on sys.path above
 
-        shutil.rmtree(VENV, ignore_errors=True)
-        subprocess.run([check.find_interpreter("3.13"), "-m", "venv", str(VENV)], check=True)
-        subprocess.run(
-            [str(VENV / "bin" / "python"), "-m", "pip", "install", "-q", *requirements], check=True
-        )
-        stamp.write_text(digest)
+    check.ensure_venv("3.13", report.bench_requirements("linux"), name="bench")
 
 
 # -- running servers ---------------------------------------------------------------------

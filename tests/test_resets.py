@@ -144,3 +144,36 @@ async def test_stock_asyncio_server_loses_its_listener_to_the_same_storm() -> No
         await stock.wait_closed()
         loop.set_exception_handler(None)
     assert any("Accept failed" in str(c.get("message")) for c in handler_calls)
+
+
+async def test_exception_setting_up_one_connection_does_not_stop_accepting(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPython gh-156365: with loop.create_server(), an exception while making one
+    connection's transport stops the accept loop. Here it costs that connection only."""
+    loop = asyncio.get_running_loop()
+    real = loop.connect_accepted_socket
+    failures = iter([RuntimeError("transport set-up failed"), OSError(24, "Too many files")])
+
+    async def flaky(*args: object, **kwargs: object) -> object:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "connect_accepted_socket", flaky)
+    async with await iocp_echo.serve_echo("127.0.0.1", 0) as server:
+        for _ in range(2):  # each of these is dropped: the client sees the connection end
+            sock = await connect(server.port)
+            try:
+                assert await asyncio.wait_for(loop.sock_recv(sock, 10), 10) == b""
+            except ConnectionError:
+                pass
+            sock.close()
+        assert await echo(server.port, b"still accepting") == b"still accepting"
+        stats = server.stats()
+        assert stats.errors == {"RuntimeError": 1, "OSError": 1}
+    assert_nothing_left(server)
+    errors = [r for r in caplog.records if r.name == "iocp_echo.server" and r.levelno >= 30]
+    assert any(r.levelname == "ERROR" and r.exc_info for r in errors)  # unexpected: traceback
+    assert any(r.levelname == "WARNING" and "OS error 24" in r.getMessage() for r in errors)

@@ -55,10 +55,15 @@ def find_interpreter(version: str) -> str:
     return found
 
 
-def ensure_venv(version: str) -> Path:
+def dev_requirements() -> list[str]:
     with open(ROOT / "pyproject.toml", "rb") as f:
-        requirements = tomllib.load(f)["project"]["optional-dependencies"]["dev"]
-    venv = ROOT / ".cache" / "venv" / version
+        return list(tomllib.load(f)["project"]["optional-dependencies"]["dev"])
+
+
+def ensure_venv(version: str, requirements: list[str], name: str | None = None) -> Path:
+    """A virtual environment of CPython *version* under .cache/venv/NAME with *requirements*,
+    remade only when they change; returns its python."""
+    venv = ROOT / ".cache" / "venv" / (name or version)
     python = venv / "bin" / "python"
     stamp = venv / ".requirements.sha256"
     digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()
@@ -157,7 +162,7 @@ def main() -> int:
     say("provisioning Wine and Windows CPython " + ", ".join(versions))
     for version in versions:
         winpy.provision(version)
-    venvs = {version: ensure_venv(version) for version in versions}
+    venvs = {version: ensure_venv(version, dev_requirements()) for version in versions}
 
     if options.only in (None, "lint"):
         lint_python = str(venvs[versions[-1]])

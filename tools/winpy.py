@@ -156,6 +156,14 @@ def ensure_site(version: str) -> Path:
         return site
     log(f"installing {', '.join(requirements)} for Windows CPython {version}")
     shutil.rmtree(site, ignore_errors=True)
+    install_for_windows(site, version, requirements)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    stamp.write_text(stamp_value)
+    return site
+
+
+def install_for_windows(target: Path, version: str, requirements: list[str]) -> None:
+    """pip-install *requirements* into *target* for Windows CPython *version* (wheels only)."""
     subprocess.run(
         [
             sys.executable,
@@ -165,7 +173,7 @@ def ensure_site(version: str) -> Path:
             "-q",
             "--disable-pip-version-check",
             "--target",
-            str(site),
+            str(target),
             "--platform",
             "win_amd64",
             "--python-version",
@@ -175,9 +183,6 @@ def ensure_site(version: str) -> Path:
         ],
         check=True,
     )
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    stamp.write_text(stamp_value)
-    return site
 
 
 def write_path_file(version: str) -> None:
