@@ -359,3 +359,34 @@ def test_wine_cli_admin_endpoint_inspect_and_stats(wine_python: str) -> None:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)
     assert process.returncode == 0
+
+
+@pytest.mark.backend
+@pytest.mark.uring
+def test_native_cli_serves_and_stops_on_sigint() -> None:
+    """On Linux the CLI serves natively on io_uring; Ctrl-C (SIGINT) stops it with status 0.
+    (Under Wine the same is shown by the wine_cli tests above.)"""
+    process = subprocess.Popen(
+        [sys.executable, ECHO, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert process.stdout is not None
+        match = LISTENING.search(process.stdout.readline())
+        assert match, process.stderr and process.stderr.read()
+        assert match.group(2) == "io_uring (asyncio BaseProactorEventLoop)"
+        with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=10) as sock:
+            sock.sendall(b"Hello, io_uring!")
+            assert sock.recv(100) == b"Hello, io_uring!"
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=30)
+            assert sock.recv(1) == b""  # the server closed the connection on its way out
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert "iocp-echo: stopped" in err and "Traceback" not in err
