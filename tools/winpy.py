@@ -232,7 +232,7 @@ def run(version: str, args: list[str]) -> int:
     process = subprocess.Popen(
         [str(WINE), str(exe), *args],
         env=wine_environment(),
-        stdin=subprocess.DEVNULL if not sys.stdin.isatty() else None,
+        stdin=None if sys.stdin is not None and sys.stdin.isatty() else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=os.getcwd(),
