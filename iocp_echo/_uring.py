@@ -227,6 +227,10 @@ class _Ring:
     def space(self) -> int:
         return int(self.sq_entries - (self._tail - self._sq_head.value) % (1 << 32))
 
+    def head(self) -> int:
+        """How far the kernel has consumed the submission ring (a free-running counter)."""
+        return int(self._sq_head.value)
+
     def push(
         self,
         opcode: int,
@@ -237,8 +241,10 @@ class _Ring:
         op_flags: int = 0,
         user_data: int = 0,
     ) -> int:
-        """Write one SQE; the caller made sure there is space.  Returns its slot."""
-        slot = self._tail & self._sq_mask
+        """Write one SQE; the caller made sure there is space.  Returns its position (a
+        free-running counter, compared with :meth:`head` to know when the kernel took it)."""
+        position = self._tail
+        slot = position & self._sq_mask
         _SQE.pack_into(
             self._sqes,
             slot * _SQE.size,
@@ -259,10 +265,11 @@ class _Ring:
         )
         self._tail = (self._tail + 1) & 0xFFFFFFFF
         self.queued += 1
-        return slot
+        return position
 
-    def neutralize(self, slot: int) -> None:
+    def neutralize(self, position: int) -> None:
         """Turn a written, not yet submitted SQE into a NOP (its socket may be closing)."""
+        slot = position & self._sq_mask
         _SQE.pack_into(
             self._sqes, slot * _SQE.size, OP_NOP, 0, 0, -1, 0, 0, 0, 0, _CANCEL_TAG, 0, 0, 0, 0, 0
         )
@@ -270,7 +277,9 @@ class _Ring:
     def enter(self, wait: bool, timeout: float | None) -> None:
         """Submit everything queued and, if *wait*, wait for a completion or *timeout*."""
         self._sq_tail.value = self._tail  # publish (x86-64/arm64: the syscall orders it)
-        to_submit, self.queued = self.queued, 0
+        self.queued = 0
+        # Everything the kernel has not consumed yet, including any it left last time.
+        to_submit = (self._tail - self._sq_head.value) & 0xFFFFFFFF
         flags, arg, arg_size = 0, 0, 0
         if wait:
             flags |= _ENTER_GETEVENTS
@@ -286,19 +295,12 @@ class _Ring:
                 _SYS_ENTER, self.fd, to_submit, 1 if wait else 0, flags, arg, arg_size
             )
             if result >= 0:
-                to_submit -= result
-                if to_submit <= 0:
-                    return
-                wait = False  # some were not consumed (e.g. a full CQ): push the rest
-                flags &= ~(_ENTER_GETEVENTS | _ENTER_EXT_ARG)
-                continue
+                return  # anything not consumed (a full completion backlog) goes next time
             code = ctypes.get_errno()
             if code == errno.EINTR:
                 continue  # a signal (e.g. Ctrl-C): the loop's self-pipe will tell
-            if code == errno.ETIME:
-                return  # the wait timed out: nothing completed
-            if code in (errno.EAGAIN, errno.EBUSY):
-                return  # completions must be reaped before more can be submitted
+            if code in (errno.ETIME, errno.EAGAIN, errno.EBUSY):
+                return  # timed out, or completions must be reaped before more can go in
             raise OSError(code, f"io_uring_enter: {os.strerror(code)}")
 
     def reap(self) -> list[tuple[int, int]]:
@@ -391,6 +393,10 @@ def _pin_for_reading(buf: Any) -> tuple[Any, int, int]:
         return _pin_for_reading(bytes(view))
 
 
+#: Operations the kernel never returned before their ring closed (kept alive for good).
+_abandoned: list[_Operation] = []
+
+
 class UringProactor:
     """The proactor ``BaseProactorEventLoop`` needs, on io_uring."""
 
@@ -458,6 +464,7 @@ class UringProactor:
     def accept(self, listener: socket.socket) -> asyncio.Future[Any]:
         def finish(fd: int) -> tuple[socket.socket, Any]:
             conn = socket.socket(listener.family, socket.SOCK_STREAM, fileno=fd)
+            conn.setblocking(False)  # as the fd already is (SOCK_NONBLOCK): tell Python
             try:
                 return conn, conn.getpeername()
             except OSError:
@@ -558,6 +565,11 @@ class UringProactor:
             self._flush_cancels()
             self._ring.enter(wait=True, timeout=0.1)
             self._complete(self._ring.reap())
+        if self._ops:
+            # The kernel may still write into these buffers while it tears the ring down:
+            # they must never be freed.
+            _abandoned.extend(self._ops.values())
+            self._ops.clear()
         self._ring.close()
         self._ring = None  # type: ignore[assignment]
 
@@ -586,15 +598,16 @@ class UringProactor:
     def _make_room(self) -> None:
         """A full submission ring is handed to the kernel at once, mid-iteration."""
         ring = self._ring
-        while ring.space() < 1:
+        for _attempt in range(1000):
+            if ring.space() >= 1:
+                return
             ring.enter(wait=False, timeout=None)
-            for operation in self._unsubmitted.values():
-                operation.submitted = True
-            self._unsubmitted.clear()
+            self._mark_consumed()
             if ring.space() < 1:
                 # The kernel took nothing (its completion backlog is full): make room there
                 # by reaping; the completions are delivered at the next select().
                 self._deferred.extend(ring.reap())
+        raise OSError(errno.EBUSY, "io_uring: the kernel accepts no more submissions")
 
     def _submit(
         self,
@@ -627,6 +640,16 @@ class UringProactor:
         self._ops[user_data] = operation
         self._unsubmitted[user_data] = operation
         return future
+
+    def _mark_consumed(self) -> None:
+        """Operations whose SQE the kernel has taken can no longer be made NOPs."""
+        head = self._ring.head()
+        while self._unsubmitted:
+            user_data, operation = next(iter(self._unsubmitted.items()))
+            if not 0 < (head - operation.slot) & 0xFFFFFFFF <= 1 << 31:
+                return  # this one (and every later one) is still in the ring
+            operation.submitted = True
+            del self._unsubmitted[user_data]
 
     def _send_rest(self, operation: _Operation, sent: int) -> None:
         """A stream SEND that took part of the bytes: submit the rest under a new tag."""
@@ -674,10 +697,8 @@ class UringProactor:
         if self._deferred:
             completions = self._deferred + completions
             self._deferred = []
+        self._mark_consumed()
         self._flush_cancels()
-        for operation in self._unsubmitted.values():
-            operation.submitted = True
-        self._unsubmitted.clear()
         for user_data, result in completions:
             if user_data & _CANCEL_TAG:
                 continue  # the outcome of a cancel; its target completes on its own

@@ -54,13 +54,8 @@ func record(start time.Time) {
 	atomic.AddUint64(&requests, 1)
 }
 
-func echoWorker(addr string, size int, wg *sync.WaitGroup) {
+func echoWorker(conn net.Conn, size int, wg *sync.WaitGroup) {
 	defer wg.Done()
-	conn, err := net.Dial("tcp", addr)
-	if err != nil {
-		atomic.AddUint64(&failures, 1)
-		return
-	}
 	defer conn.Close()
 	msg := make([]byte, size)
 	for i := range msg {
@@ -82,6 +77,7 @@ func echoWorker(addr string, size int, wg *sync.WaitGroup) {
 }
 
 func churnWorker(addr string, size int, wg *sync.WaitGroup) {
+	// Each churn cycle is one connection: connecting is part of what is measured.
 	defer wg.Done()
 	msg := make([]byte, size)
 	reply := make([]byte, size)
@@ -145,14 +141,35 @@ func main() {
 		json.NewEncoder(os.Stdout).Encode(idle(*addr, *conns))
 		return
 	}
-	worker := echoWorker
-	if *mode == "churn" {
-		worker = churnWorker
-	}
 	var wg sync.WaitGroup
-	for i := 0; i < *conns; i++ {
-		wg.Add(1)
-		go worker(*addr, *size, &wg)
+	if *mode == "churn" {
+		for i := 0; i < *conns; i++ {
+			wg.Add(1)
+			go churnWorker(*addr, *size, &wg)
+		}
+	} else {
+		// Every connection is open and has been echoed once before the warm-up starts, so
+		// the measured window is steady state, not the server's accept backlog.
+		conns := make([]net.Conn, 0, *conns)
+		one := make([]byte, 1)
+		for i := 0; i < cap(conns); i++ {
+			conn, err := net.DialTimeout("tcp", *addr, 60*time.Second)
+			if err == nil {
+				_, err = conn.Write(one)
+			}
+			if err == nil {
+				_, err = io.ReadFull(conn, one)
+			}
+			if err != nil {
+				atomic.AddUint64(&failures, 1)
+				continue
+			}
+			conns = append(conns, conn)
+		}
+		for _, conn := range conns {
+			wg.Add(1)
+			go echoWorker(conn, *size, &wg)
+		}
 	}
 	time.Sleep(time.Duration(*warmup * float64(time.Second)))
 	var before syscall.Rusage
