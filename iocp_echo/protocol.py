@@ -96,7 +96,10 @@ class EchoProtocol(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._last_activity = self.read_started = self._loop.time()
         try:
-            _private.set_read_buffer_size(transport, self.max_read)
+            if transport.get_extra_info("sslcontext") is None:
+                # (With TLS the socket is read by asyncio's TLS layer, in 64 KiB records;
+                # max_read then bounds nothing: see the README.)
+                _private.set_read_buffer_size(transport, self.max_read)
         except _private.InternalsUnavailable as exc:
             if not _warned_read_size:
                 _warned_read_size = True

@@ -72,3 +72,18 @@ async def test_accept_falls_back_to_public_api_when_internals_are_missing(
     async with await iocp_echo.serve_echo("127.0.0.1", 0) as server:
         assert await echo(server.port, b"fallback") == b"fallback"
     assert any("loop.sock_accept" in r.getMessage() for r in caplog.records)
+
+
+async def test_stats_and_snapshot_say_unavailable_instead_of_failing(
+    server: iocp_echo.EchoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    changed = types.SimpleNamespace(_cache={1: ("not", "four")})
+    monkeypatch.setattr(_private, "_proactor", lambda loop: changed)
+    stats = server.stats()
+    assert stats.pending_unavailable is not None
+    assert "not (future, ov, obj, callback) tuples" in stats.pending_unavailable
+    snapshot = server.snapshot()
+    assert snapshot["operations"] == []
+    assert snapshot["operations_unavailable"] == stats.pending_unavailable
+    assert "unavailable (" in iocp_echo.admin.summary_line(server)
+    monkeypatch.undo()  # the fixture's own leak check needs the real cache again
