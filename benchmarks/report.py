@@ -69,7 +69,13 @@ def markdown(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:
         f"Each figure is the median of {machine['plan']['repeats']} alternated run(s) of "
         f"{machine['plan']['duration']} s after {machine['plan']['warmup']} s of warm-up. "
         f"Run of {machine['date']}, {machine['minutes']} minutes"
-        f"{' (--quick)' if machine['quick'] else ''}.",
+        f"{' (--quick)' if machine['quick'] else ''}"
+        + (
+            f"; {', '.join(machine['rerun']['modes'])} re-measured on {machine['rerun']['date']}"
+            if "rerun" in machine
+            else ""
+        )
+        + ".",
         "",
         "Compare servers only within one platform: Wine's socket layer dominates every "
         "figure under Wine.",

@@ -325,12 +325,27 @@ QUICK = Plan([1024], [20], 2.0, 0.5, 1, 20, [1000])
 FULL = Plan([64, 1024, 16384, 65536], [1, 20, 100, 1000], 2.5, 0.5, 3, 20, [1000, 5000])
 
 
-def run_server(server: Server, plan: Plan) -> list[dict[str, Any]]:
+def run_server(server: Server, plan: Plan, modes: set[str]) -> list[dict[str, Any]]:
     records = []
-    running = Running(server)
     base = {"server": server.name, "runtime": server.runtime, "platform": server.platform}
+    for count in plan.idle_counts if "idle" in modes else []:
+        # A fresh server each time: one that already served a load would reuse freed memory
+        # for the idle connections, and the measured growth would read as zero.
+        running = Running(server)
+        try:
+            record = {**base, **measure_idle(running, count)}
+        finally:
+            running.stop()
+        say(
+            f"{server.name:<27} {server.runtime:<10} idle {count}: "
+            f"{record['rss_kib_per_conn']} KiB/conn"
+        )
+        records.append(record)
+    if not modes & {"echo", "churn"}:
+        return records
+    running = Running(server)
     try:
-        for size in plan.sizes:
+        for size in plan.sizes if "echo" in modes else []:
             for conns in plan.concurrencies:
                 raw = loadgen(
                     running.port,
@@ -359,6 +374,8 @@ def run_server(server: Server, plan: Plan) -> list[dict[str, Any]]:
                     f"(client {record['client_cpu']:.2f} cores)"
                 )
                 records.append(record)
+        if "churn" not in modes:
+            return records
         raw = loadgen(
             running.port,
             "-mode",
@@ -382,13 +399,6 @@ def run_server(server: Server, plan: Plan) -> list[dict[str, Any]]:
         }
         say(f"{server.name:<27} {server.runtime:<10} churn: {record['rps']:.0f} conn/s")
         records.append(record)
-        for count in plan.idle_counts:
-            record = {**base, **measure_idle(running, count)}
-            say(
-                f"{server.name:<27} {server.runtime:<10} idle {count}: "
-                f"{record['rss_kib_per_conn']} KiB/conn"
-            )
-            records.append(record)
     finally:
         running.stop()
     return records
@@ -399,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: under 3 minutes")
     parser.add_argument("--repeats", type=int, help="override the number of repeats")
     parser.add_argument("--only", help="comma-separated server names")
+    parser.add_argument(
+        "--modes",
+        default="echo,churn,idle",
+        help="comma-separated modes to run (default: all); with fewer than all, the new "
+        "records replace those of the same modes in results/latest.json",
+    )
     options = parser.parse_args(argv)
     plan = dataclasses.replace(QUICK if options.quick else FULL)
     if options.repeats:
@@ -408,12 +424,13 @@ def main(argv: list[str] | None = None) -> int:
         [str(winpy.WINESERVER), "-k"], env=winpy.wine_environment(), capture_output=True
     )  # restart it pinned with the servers
     chosen = [s for s in servers() if not options.only or s.name in options.only.split(",")]
+    modes = set(options.modes.split(","))
     started = time.monotonic()
     raw_records: list[dict[str, Any]] = []
     for repeat in range(plan.repeats):
         order = chosen if repeat % 2 == 0 else list(reversed(chosen))
         for server in order:
-            raw_records.extend(run_server(server, plan))
+            raw_records.extend(run_server(server, plan, modes))
     grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for record in raw_records:
         key = (
@@ -425,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         grouped.setdefault(key, []).append(record)
     records = [stats.median_record(group, NUMERIC) for group in grouped.values()]
+    if modes != {"echo", "churn", "idle"} and (RESULTS / "latest.json").exists():
+        kept = json.loads((RESULTS / "latest.json").read_text())
+        records = [r for r in kept if r["mode"] not in modes] + records
     machine = {
         "cpus": os.cpu_count(),
         "cpu": report.cpu_model(),
@@ -436,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         "minutes": round((time.monotonic() - started) / 60, 1),
         "date": time.strftime("%Y-%m-%d"),
     }
+    if modes != {"echo", "churn", "idle"} and (RESULTS / "machine.json").exists():
+        rerun = {k: machine[k] for k in ("minutes", "date")} | {"modes": sorted(modes)}
+        machine = json.loads((RESULTS / "machine.json").read_text()) | {"rerun": rerun}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(records, indent=1) + "\n")
     (RESULTS / "machine.json").write_text(json.dumps(machine, indent=1) + "\n")
