@@ -7,7 +7,6 @@
 >>> iocp_echo.run(main())  # doctest: +SKIP
 """
 
-from . import admin, inspector
 from .errors import (
     AddressInUseError,
     InvalidPortError,
@@ -37,9 +36,7 @@ __all__ = [
     "ProactorRequiredError",
     "ServerStats",
     "UnsupportedPlatformError",
-    "admin",
     "backend_name",
-    "inspector",
     "new_event_loop",
     "pending_operations",
     "pending_operations_threadsafe",

@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from . import inspector, loops
+from . import loops
 from .admin import DEFAULT_STUCK_AFTER, log_stats, start_admin
 from .errors import IocpEchoError
 from .protocol import _format_peer
@@ -164,6 +164,8 @@ def _stop_on_break(stop: Callable[[], None]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["inspect"]:
+        from . import inspector  # a client: no event loop, no backend needed
+
         return inspector.main(arguments[1:])
     options = build_parser().parse_args(arguments)
     logging.basicConfig(

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import iocp_echo
-from iocp_echo import admin
+from iocp_echo import admin, inspector
 from iocp_echo.server import ACCEPTS_IN_FLIGHT
 
 from .conftest import assert_nothing_left
@@ -171,7 +171,7 @@ async def test_admin_endpoint_serves_the_snapshot(server: iocp_echo.EchoServer) 
     assert peers == [me]
     status, _ = await loop.run_in_executor(None, get, "/elsewhere")
     assert status == 404
-    table = iocp_echo.inspector.format_snapshot(snapshot)
+    table = inspector.format_snapshot(snapshot)
     assert f"{me[0]}:{me[1]}" in table and "recv" in table and "accept" in table
     endpoint.close()
     await endpoint.wait_closed()

@@ -10,7 +10,7 @@ import types
 import pytest
 
 import iocp_echo
-from iocp_echo import _private
+from iocp_echo import _private, admin
 
 from .helpers import connect, echo, wait_until
 
@@ -85,5 +85,5 @@ async def test_stats_and_snapshot_say_unavailable_instead_of_failing(
     snapshot = server.snapshot()
     assert snapshot["operations"] == []
     assert snapshot["operations_unavailable"] == stats.pending_unavailable
-    assert "unavailable (" in iocp_echo.admin.summary_line(server)
+    assert "unavailable (" in admin.summary_line(server)
     monkeypatch.undo()  # the fixture's own leak check needs the real cache again
