@@ -163,23 +163,20 @@ def collect(
         kind: Kind
         nbytes: int | None
         owner = owners.get(id(obj))
-        transport_op = None
-        if owner is not None and owner.transport is not None:
-            transport_op = _private.transport_operation(owner.transport, future)
         issued = _issued.get(future)
         if issued is not None:
             kind, nbytes, started = issued
         elif known_kind is not None:  # a backend that records what it issues
             kind, nbytes = known_kind, known_nbytes  # type: ignore[assignment]
             started = known_started if known_started is not None else now
-        elif transport_op is not None:
+        elif (
+            owner is not None
+            and owner.transport is not None
+            and (transport_op := _private.transport_operation(owner.transport, future))
+        ):
             kind, nbytes = transport_op
             # The transport issues its next read as it delivers the last one.
-            started = (
-                owner.read_started  # type: ignore[union-attr]
-                if kind == "recv"
-                else _first_seen.setdefault(future, now)
-            )
+            started = owner.read_started if kind == "recv" else _first_seen.setdefault(future, now)
         elif obj is self_pipe and self_pipe is not None:
             kind, nbytes = "wakeup", 4096  # the loop reads its self-pipe 4 KiB at a time
             started = _first_seen.setdefault(future, now)
