@@ -10,7 +10,8 @@ asyncio streams, winloop, and Go's net echo built for Windows.  Natively on Linu
 selector loop with the same Protocol, uvloop, Go's native echo, and iocp_echo on its io_uring
 backend.
 
-Writes ``benchmarks/results/latest.json``, ``latest.md`` and, with matplotlib, PNG charts.
+Writes ``benchmarks/results/latest.json``, ``latest.md`` and, with matplotlib, PNG charts
+(``--quick`` writes them under ``benchmarks/results/quick/``, leaving the committed full results).
 """
 
 from __future__ import annotations
@@ -442,8 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         grouped.setdefault(key, []).append(record)
     records = [stats.median_record(group, NUMERIC) for group in grouped.values()]
-    if modes != {"echo", "churn", "idle"} and (RESULTS / "latest.json").exists():
-        kept = json.loads((RESULTS / "latest.json").read_text())
+    # A smoke run must not overwrite the committed results of a full one.
+    results = RESULTS / "quick" if options.quick else RESULTS
+    if modes != {"echo", "churn", "idle"} and (results / "latest.json").exists():
+        kept = json.loads((results / "latest.json").read_text())
         records = [r for r in kept if r["mode"] not in modes] + records
     machine = {
         "cpus": os.cpu_count(),
@@ -456,17 +459,17 @@ def main(argv: list[str] | None = None) -> int:
         "minutes": round((time.monotonic() - started) / 60, 1),
         "date": time.strftime("%Y-%m-%d"),
     }
-    if modes != {"echo", "churn", "idle"} and (RESULTS / "machine.json").exists():
+    if modes != {"echo", "churn", "idle"} and (results / "machine.json").exists():
         rerun = {k: machine[k] for k in ("minutes", "date")} | {"modes": sorted(modes)}
-        machine = json.loads((RESULTS / "machine.json").read_text()) | {"rerun": rerun}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(records, indent=1) + "\n")
-    (RESULTS / "machine.json").write_text(json.dumps(machine, indent=1) + "\n")
-    (RESULTS / "latest.md").write_text(report.markdown(records, machine))
+        machine = json.loads((results / "machine.json").read_text()) | {"rerun": rerun}
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "latest.json").write_text(json.dumps(records, indent=1) + "\n")
+    (results / "machine.json").write_text(json.dumps(machine, indent=1) + "\n")
+    (results / "latest.md").write_text(report.markdown(records, machine))
     charts = subprocess.run(
-        [str(VENV / "bin" / "python"), "-m", "benchmarks.charts", str(RESULTS)], cwd=ROOT
+        [str(VENV / "bin" / "python"), "-m", "benchmarks.charts", str(results)], cwd=ROOT
     )
     if charts.returncode != 0:
         say("charts failed (matplotlib missing?)")
-    print((RESULTS / "latest.md").read_text())
+    print((results / "latest.md").read_text())
     return 0
