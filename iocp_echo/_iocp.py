@@ -27,6 +27,7 @@ import threading
 from typing import Any
 
 from . import _private
+from .errors import os_error_code
 
 logger = logging.getLogger("iocp_echo.iocp")
 
@@ -78,8 +79,7 @@ def prepare_listener(sock: socket.socket) -> None:
 
 
 def is_transient_accept_error(exc: OSError) -> bool:
-    code = getattr(exc, "winerror", None) or exc.errno
-    return isinstance(exc, ConnectionError) or code in TRANSIENT_ACCEPT_ERRORS
+    return isinstance(exc, ConnectionError) or os_error_code(exc) in TRANSIENT_ACCEPT_ERRORS
 
 
 def accept(

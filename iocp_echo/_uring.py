@@ -191,7 +191,6 @@ class _Ring:
             array[index] = index
         del array
         self._tail = self._sq_tail.value  # our private tail, published by submit()
-        self.queued = 0  # SQEs written, not yet handed to the kernel
         self._arg = _GeteventsArg()
         self._ts = _Timespec()
         self.enter_calls = 0
@@ -264,7 +263,6 @@ class _Ring:
             0,
         )
         self._tail = (self._tail + 1) & 0xFFFFFFFF
-        self.queued += 1
         return position
 
     def neutralize(self, position: int) -> None:
@@ -277,7 +275,6 @@ class _Ring:
     def enter(self, wait: bool, timeout: float | None) -> None:
         """Submit everything queued and, if *wait*, wait for a completion or *timeout*."""
         self._sq_tail.value = self._tail  # publish (x86-64/arm64: the syscall orders it)
-        self.queued = 0
         # Everything the kernel has not consumed yet, including any it left last time.
         to_submit = (self._tail - self._sq_head.value) & 0xFFFFFFFF
         flags, arg, arg_size = 0, 0, 0
