@@ -1,10 +1,13 @@
 """The io_uring backend itself: batching, full rings, cancellation races, closing with I/O in
-flight, cross-thread wake-ups, feature detection, and 10,000 connections."""
+flight, cross-thread wake-ups, feature detection, direct (handler-called) operations, the
+set-up fallbacks, and 10,000 connections."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
+import gc
 import os
 import socket
 import subprocess
@@ -12,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -26,12 +30,15 @@ pytestmark = [pytest.mark.backend, pytest.mark.uring]
 
 if sys.platform.startswith("linux"):
     from iocp_echo import _uring
+    from iocp_echo._uring import abi, proactor
 
 
-@pytest.fixture
-def small_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """A loop on a deliberately tiny ring: 8 submission slots, 32 completion slots."""
-    loop = _uring.UringEventLoop(_uring.UringProactor(entries=8))
+@pytest.fixture(params=["defer_taskrun", "coop_taskrun", "plain"])
+def small_loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
+    """A loop on a deliberately tiny ring (8 submission slots, 32 completion slots), in each
+    ring set-up mode: this kernel has them all, so the fallbacks are forced."""
+    loop = _uring.UringEventLoop(_uring.UringProactor(entries=8, setup_modes=[request.param]))
+    assert loop._proactor.capabilities.setup_mode == request.param  # type: ignore[attr-defined]
     yield loop
     loop.close()
 
@@ -212,19 +219,30 @@ def test_cross_thread_wakeups() -> None:
         loop.close()
 
 
+def _refuse_setup(monkeypatch: pytest.MonkeyPatch, code: int, above: int = 0) -> None:
+    """Make io_uring_setup fail with *code* for rings of more than *above* entries."""
+    real = abi.io_uring_setup
+
+    def refuse(entries: int, params: int) -> int:
+        if entries > above:
+            ctypes.set_errno(code)
+            return -1
+        return real(entries, params)
+
+    monkeypatch.setattr(abi, "io_uring_setup", refuse)
+
+
 @pytest.mark.parametrize(
     ("code", "reason"),
     [
         (errno.EPERM, "io_uring_disabled"),
         (errno.ENOSYS, "Linux 5.11"),
         (errno.EACCES, "io_uring_group"),
+        (errno.ENOMEM, "ulimit -l"),
     ],
 )
 def test_probe_failure_says_why(monkeypatch: pytest.MonkeyPatch, code: int, reason: str) -> None:
-    def refuse(entries: int) -> None:
-        raise OSError(code, os.strerror(code))
-
-    monkeypatch.setattr(_uring, "_Ring", refuse)
+    _refuse_setup(monkeypatch, code)
     with pytest.raises(UnsupportedPlatformError, match=reason) as raised:
         _uring.probe()
     assert "winpy.py" in str(raised.value)
@@ -234,10 +252,75 @@ def test_probe_failure_says_why(monkeypatch: pytest.MonkeyPatch, code: int, reas
     monkeypatch.setattr(_platform, "_probed", {})
 
 
+def test_probe_refused_enter_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A seccomp filter may allow io_uring_setup and refuse io_uring_enter: the probe takes a
+    NOP through the ring, so that is caught at start-up too."""
+
+    def refuse(*args: int) -> int:
+        ctypes.set_errno(errno.EPERM)
+        return -1
+
+    monkeypatch.setattr(abi, "io_uring_enter", refuse)
+    with pytest.raises(UnsupportedPlatformError, match="seccomp"):
+        _uring.probe()
+
+
 def test_probe_names_a_missing_opcode(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_uring, "_OPS_USED", {**_uring._OPS_USED, "FUTURE_OP": 63})
+    monkeypatch.setattr(proactor, "OPS_USED", {**proactor.OPS_USED, "FUTURE_OP": 63})
     with pytest.raises(UnsupportedPlatformError, match="FUTURE_OP"):
         _uring.probe()
+
+
+def test_probe_uses_the_ring_the_loop_will_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that sets up small rings but not the loop's 4,096 entries (a memlock limit)
+    fails the probe, not the loop later."""
+    _refuse_setup(monkeypatch, errno.ENOMEM, above=8)
+    with pytest.raises(UnsupportedPlatformError, match="4,096-entry ring"):
+        _uring.probe()
+    with pytest.raises(UnsupportedPlatformError, match="ulimit -l"):
+        _uring.new_event_loop()
+
+
+def test_failed_loop_construction_prints_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop whose ring cannot be made raises, and nothing else: no AttributeError from
+    BaseEventLoop.__del__ on the half-made loop."""
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    _refuse_setup(monkeypatch, errno.ENOMEM)
+    with pytest.raises(OSError, match="Cannot allocate memory"):
+        _uring.UringEventLoop()
+    gc.collect()
+    assert unraisable == []
+
+
+CLI_WITH_LOW_MEMLOCK = r"""
+import ctypes, errno, sys
+from iocp_echo._uring import abi
+real = abi.io_uring_setup
+def refuse(entries, params):
+    if entries > 8:  # what a low RLIMIT_MEMLOCK does on kernels before 5.12
+        ctypes.set_errno(errno.ENOMEM)
+        return -1
+    return real(entries, params)
+abi.io_uring_setup = refuse
+from iocp_echo import cli
+sys.exit(cli.main(["--port", "0"]))
+"""
+
+
+def test_cli_reports_a_ring_it_cannot_set_up_in_one_line() -> None:
+    process = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", CLI_WITH_LOW_MEMLOCK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert process.returncode == 1
+    lines = process.stderr.splitlines()
+    assert len(lines) == 1, process.stderr
+    assert lines[0].startswith("iocp-echo: error: iocp_echo's Linux backend cannot start: ")
+    assert "ulimit -l" in lines[0]
 
 
 CLIENTS = r"""
@@ -308,5 +391,327 @@ def test_large_send_completes_only_when_every_byte_is_sent(
         assert received == payload
 
     small_loop.run_until_complete(scenario())
+    a.close()
+    b.close()
+
+
+# -- issue 9: kernel-owned memory, descriptor reuse, datagram futures -------------------------
+
+
+def test_cancel_after_an_interrupted_enter_does_not_free_kernel_memory(
+    small_loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C can land after io_uring_enter consumed an SQE and before Python noted it.  A
+    cancel then must still see the operation as the kernel's (from the SQ head): ASYNC_CANCEL,
+    not a NOP over a slot the kernel already took while its buffer is freed."""
+    proactor_ = small_loop._proactor  # type: ignore[attr-defined]
+    ring = proactor_.ring
+    a, b = _pairs(1)[0]
+    reading = proactor_.recv(a, 100)
+    real_enter = ring.enter
+
+    def interrupted(wait: bool, timeout: float | None) -> None:
+        real_enter(wait, timeout)  # the kernel consumed everything ...
+        monkeypatch.setattr(ring, "enter", real_enter)
+        raise KeyboardInterrupt  # ... and the signal hit before the bookkeeping
+
+    monkeypatch.setattr(ring, "enter", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        small_loop.run_until_complete(reading)
+    reading.cancel()
+    assert [op.state for op in proactor_.operations() if op.sock is a] == ["cancelling"]
+
+    async def scenario() -> None:
+        await wait_until(lambda: _in_flight(small_loop) == 1, timeout=5)  # ECANCELED came
+        b.send(b"kept")  # (a recv still armed in the kernel would take it)
+        assert await asyncio.wait_for(proactor_.recv(a, 100), 5) == b"kept"
+
+    small_loop.run_until_complete(scenario())
+    assert reading.cancelled()
+    a.close()
+    b.close()
+
+
+def test_queued_operation_on_a_closed_socket_never_reaches_its_descriptors_next_owner(
+    small_loop: asyncio.AbstractEventLoop,
+) -> None:
+    """A recv queued (not yet entered) on a socket that is then closed, and whose descriptor
+    number is reused at once by another socket, must not read from the new socket: it is
+    neutralized before the enter and fails with EBADF."""
+    proactor_ = small_loop._proactor  # type: ignore[attr-defined]
+    a, b = _pairs(1)[0]
+    number = a.fileno()
+    stale = proactor_.recv(a, 100)
+    a.close()
+    c, d = socket.socketpair()
+    if number not in (c.fileno(), d.fileno()):
+        os.dup2(c.fileno(), number)
+        c.close()
+        c = socket.socket(fileno=number)
+    elif d.fileno() == number:
+        c, d = d, c
+    assert c.fileno() == number
+    c.setblocking(False)
+    d.send(b"for the new socket")
+
+    async def scenario() -> None:
+        with pytest.raises(OSError, match="Bad file descriptor") as failed:
+            await asyncio.wait_for(stale, 5)
+        assert failed.value.errno == errno.EBADF
+        assert await asyncio.wait_for(proactor_.recv(c, 100), 5) == b"for the new socket"
+
+    small_loop.run_until_complete(scenario())
+    for sock in (b, c, d):
+        sock.close()
+
+
+def _udp() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    return sock
+
+
+def test_cancelled_datagram_receive_cancels_its_retried_poll(
+    small_loop: asyncio.AbstractEventLoop,
+) -> None:
+    """recvfrom waits with POLL_ADD and retries when the datagram was gone; cancelling it
+    must cancel the retried POLL_ADD too, not only the first."""
+
+    class Robbed(socket.socket):
+        """A socket whose first datagram another reader takes between poll and read."""
+
+        robbed = False
+
+        def recvfrom(self, *args: Any) -> Any:
+            if not self.robbed and _in_flight(small_loop) == 1:
+                self.robbed = True
+                super().recvfrom(65536)
+                raise BlockingIOError
+            return super().recvfrom(*args)
+
+    proactor_ = small_loop._proactor  # type: ignore[attr-defined]
+    plain = _udp()
+    sock = Robbed(socket.AF_INET, socket.SOCK_DGRAM, fileno=plain.detach())
+    sender = _udp()
+
+    async def scenario() -> None:
+        receiving = proactor_.recvfrom(sock, 100)
+        await asyncio.sleep(0)
+        sender.sendto(b"stolen", sock.getsockname())
+        await wait_until(lambda: sock.robbed and _in_flight(small_loop) == 2, timeout=5)
+        receiving.cancel()
+        await wait_until(lambda: _in_flight(small_loop) == 1, timeout=5)
+        assert receiving.cancelled()
+
+    small_loop.run_until_complete(scenario())
+    sock.close()
+    sender.close()
+
+
+def test_failed_datagram_poll_reaches_the_caller(
+    small_loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A POLL_ADD that fails (here: its socket closed before submission) fails recvfrom with
+    that error, and no future is left with an exception nobody retrieved."""
+    proactor_ = small_loop._proactor  # type: ignore[attr-defined]
+    sock = _udp()
+
+    async def scenario() -> None:
+        receiving = proactor_.recvfrom(sock, 100)
+        sock.close()
+        with pytest.raises(OSError, match="Bad file descriptor") as failed:
+            await asyncio.wait_for(receiving, 5)
+        assert failed.value.errno == errno.EBADF
+
+    small_loop.run_until_complete(scenario())
+    gc.collect()
+    assert "never retrieved" not in caplog.text
+
+
+# -- direct operations ------------------------------------------------------------------------
+
+
+def _direct_recv(
+    proactor_: Any, sock: socket.socket, got: list[tuple[int, int]], size: int = 64
+) -> tuple[int, Any]:
+    buffer = ctypes.create_string_buffer(size)
+    user_data = proactor_.submit_direct(
+        abi.IORING_OP_RECV,
+        sock,
+        lambda res, flags: got.append((res, flags)),
+        kind="recv",
+        nbytes=size,
+        addr=ctypes.addressof(buffer),
+        length=size,
+        anchor=buffer,
+    )
+    return user_data, buffer
+
+
+def test_direct_operation_calls_its_handler_inline(small_loop: asyncio.AbstractEventLoop) -> None:
+    """The handler runs inside select() with (res, cqe_flags): no future, no call_soon; the
+    record is listed (future None) while pending and forgotten after its CQE."""
+    proactor_ = small_loop._proactor  # type: ignore[attr-defined]
+    a, b = _pairs(1)[0]
+    got: list[tuple[int, int]] = []
+    user_data, buffer = _direct_recv(proactor_, a, got)
+    [listed] = [op for op in proactor_.operations() if op.sock is a]
+    assert (listed.future, listed.kind, listed.nbytes, listed.state) == (
+        None,
+        "recv",
+        64,
+        "pending",
+    )
+    b.send(b"direct")
+    for _ in range(100):
+        proactor_.select(0.05)
+        if got:
+            break
+    assert got == [(6, 0)]
+    assert buffer.raw[:6] == b"direct"
+    assert _in_flight(small_loop) == 0  # (the loop never ran: not even its wake-up read)
+    assert proactor_.cancel_direct(user_data) is True  # already gone
+    a.close()
+    b.close()
+
+
+def test_direct_multishot_accept_stays_one_record_until_cancelled(
+    small_loop: asyncio.AbstractEventLoop,
+) -> None:
+    proactor_ = small_loop._proactor  # type: ignore[attr-defined]
+    assert proactor_.capabilities.multishot_accept
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    got: list[tuple[int, int]] = []
+    user_data = proactor_.submit_direct(
+        abi.IORING_OP_ACCEPT,
+        listener,
+        lambda res, flags: got.append((res, flags)),
+        kind="accept",
+        ioprio=abi.IORING_ACCEPT_MULTISHOT,
+        op_flags=socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+    )
+    proactor_.select(0)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+    for _ in range(100):
+        proactor_.select(0.05)
+        if len(got) == 3:
+            break
+    assert [bool(flags & abi.IORING_CQE_F_MORE) for _, flags in got] == [True] * 3
+    assert len(proactor_.operations()) == 1
+    assert proactor_.cancel_direct(user_data) is False  # the kernel has it: ASYNC_CANCEL
+    assert [op.state for op in proactor_.operations()] == ["cancelling"]
+    statuses = _uring.operations(small_loop)
+    assert [(op.future, op.state) for op in statuses] == [(None, "cancelling")]
+    pending = iocp_echo.pending_operations(small_loop)
+    assert [(op.kind, op.state, op.fileno) for op in pending] == [
+        ("accept", "cancelling", listener.fileno())
+    ]
+    for _ in range(100):
+        proactor_.select(0.05)
+        if len(got) == 4:
+            break
+    assert got[3] == (-errno.ECANCELED, 0)
+    assert proactor_.operations() == []
+    for fd, _ in got[:3]:
+        os.close(fd)
+    for client in clients:
+        client.close()
+    listener.close()
+
+
+def test_cancel_direct_before_submission_forgets_it(small_loop: asyncio.AbstractEventLoop) -> None:
+    proactor_ = small_loop._proactor  # type: ignore[attr-defined]
+    a, b = _pairs(1)[0]
+    got: list[tuple[int, int]] = []
+    user_data, _ = _direct_recv(proactor_, a, got)
+    assert proactor_.cancel_direct(user_data) is True
+    assert proactor_.operations() == []
+    b.send(b"kept")
+    proactor_.select(0)
+    proactor_.select(0)
+    assert got == []
+    assert a.recv(10) == b"kept"
+    a.close()
+    b.close()
+
+
+def test_close_cancels_direct_operations_and_tells_their_handlers() -> None:
+    loop = _uring.UringEventLoop(_uring.UringProactor(entries=8))
+    proactor_ = loop._proactor  # type: ignore[attr-defined]
+    pairs = _pairs(20)
+    got: list[tuple[int, int]] = []
+    for a, _ in pairs:
+        _direct_recv(proactor_, a, got)
+    proactor_.select(0)  # all submitted
+    loop.close()
+    assert got == [(-errno.ECANCELED, 0)] * 20
+    assert proactor_.operations() == []
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
+def test_direct_handler_error_goes_to_the_loop_and_dispatch_goes_on(
+    small_loop: asyncio.AbstractEventLoop,
+) -> None:
+    proactor_ = small_loop._proactor  # type: ignore[attr-defined]
+    reported: list[dict[str, Any]] = []
+    small_loop.set_exception_handler(lambda loop, context: reported.append(context))
+    pairs = _pairs(2)
+    got: list[tuple[int, int]] = []
+
+    def broken(res: int, flags: int) -> None:
+        raise ValueError("handler bug")
+
+    proactor_.submit_direct(abi.IORING_OP_RECV, pairs[0][0], broken, kind="recv", addr=0, length=0)
+    _direct_recv(proactor_, pairs[1][0], got)
+    for _, b in pairs:
+        b.send(b"x")
+    for _ in range(100):
+        proactor_.select(0.05)
+        if got and reported:
+            break
+    assert got == [(1, 0)]
+    assert isinstance(reported[0]["exception"], ValueError)
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
+def test_capabilities_and_forcing_features_off() -> None:
+    full = _uring.UringProactor(entries=8)
+    assert full.capabilities == proactor.UringCapabilities(
+        multishot_accept=True, buffer_ring=True, multishot_recv=True, setup_mode="defer_taskrun"
+    )
+    full.close()
+    reduced = _uring.UringProactor(entries=8, disable={"buffer_ring"}, setup_modes=["plain"])
+    assert reduced.capabilities == proactor.UringCapabilities(
+        multishot_accept=True, buffer_ring=False, multishot_recv=False, setup_mode="plain"
+    )
+    reduced.close()
+    with pytest.raises(ValueError, match="multishot_send"):
+        _uring.UringProactor(entries=8, disable={"multishot_send"})
+
+
+def test_loop_made_in_one_thread_runs_in_another() -> None:
+    """The single-issuer ring is enabled by the thread that runs the loop."""
+    loop = _uring.UringEventLoop()
+    a, b = _pairs(1)[0]
+    results: list[object] = []
+
+    def run() -> None:
+        async def scenario() -> bytes:
+            b.send(b"across threads")
+            return await asyncio.wait_for(loop.sock_recv(a, 100), 5)
+
+        results.append(loop.run_until_complete(scenario()))
+        loop.close()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(30)
+    assert results == [b"across threads"]
     a.close()
     b.close()
