@@ -1,27 +1,65 @@
 """A read-only view of a running server for people: periodic summaries, stuck-operation
-warnings, and a local HTTP endpoint serving :meth:`EchoServer.snapshot` as JSON.
+warnings, and a local HTTP endpoint serving the server's stats and oldest pending operations
+as JSON.
 
-The endpoint binds 127.0.0.1 only and answers ``GET /`` and nothing else: it exposes peer
-addresses, so it is never reachable from another machine.
+The endpoint binds 127.0.0.1 only, because what it serves (peer addresses) is nobody else's
+business.  Binding to loopback does not keep a web page out, though: a page on a domain that
+re-resolves to 127.0.0.1 ("DNS rebinding") can read any loopback HTTP server that answers
+whatever ``Host`` it is asked for.  So a request is answered only when its ``Host`` is a
+loopback name, which such a page cannot send.
+
+The endpoint must never hold up the server it describes:
+
+- every request has one deadline, covering reading the request, building the answer and
+  sending it; a client still connected after it is dropped (a client that asks and never
+  reads would otherwise keep the connection, and since Python 3.12 ``Server.wait_closed()``
+  waits for every connection);
+- :meth:`AdminEndpoint.close` drops requests in progress, so shutting down never waits on one;
+- an answer lists at most :data:`MAX_OPERATIONS_LIMIT` operations (the oldest) with their
+  total, never all of them: listing 10,000 connections' operations costs the event loop a
+  quarter of a second and the client megabytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import re
+import sys
+import time
+import urllib.parse
+from typing import Any
 
 from . import introspection
-from .protocol import _format_peer
+from .errors import os_error_code
 from .server import EchoServer
 
-__all__ = ["DEFAULT_STUCK_AFTER", "log_stats", "start_admin", "summary_line"]
+__all__ = [
+    "DEFAULT_OPERATIONS_LIMIT",
+    "DEFAULT_REQUEST_TIMEOUT",
+    "DEFAULT_STUCK_AFTER",
+    "MAX_OPERATIONS_LIMIT",
+    "AdminEndpoint",
+    "log_stats",
+    "start_admin",
+    "summary_line",
+]
 
 logger = logging.getLogger("iocp_echo.admin")
 
 DEFAULT_STUCK_AFTER = 30.0
+#: Seconds a client gets for the whole exchange: request, answer, and its sending.
+DEFAULT_REQUEST_TIMEOUT = 5.0
+#: Operations listed by ``GET /`` (oldest first); ``GET /?limit=N`` asks for up to N.
+DEFAULT_OPERATIONS_LIMIT = 100
+MAX_OPERATIONS_LIMIT = 1000
 _MAX_REQUEST_HEAD = 8192
-_REQUEST_TIMEOUT = 5.0
+
+# A loopback name, with an optional port: what a browser sends only for a page it loaded
+# from this machine itself, never for a page from a rebinding domain.
+_LOOPBACK_HOST = re.compile(r"(?:localhost|127\.0\.0\.1|\[::1\])(?::(?P<port>[0-9]{1,5}))?")
 
 
 def summary_line(server: EchoServer) -> str:
@@ -59,34 +97,245 @@ def log_stats(server: EchoServer, stuck_after: float = DEFAULT_STUCK_AFTER) -> N
                 op.state,
                 op.nbytes,
                 op.fileno,
-                _format_peer(op.peer) if op.peer else "-",
+                _format_address(op.peer) if op.peer else "-",
             )
 
 
-async def start_admin(server: EchoServer, port: int = 0) -> asyncio.Server:
-    """Serve ``server.snapshot()`` as JSON on ``http://127.0.0.1:PORT/``."""
+class _Refusal(Exception):
+    """A request answered with an error status and no data."""
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(_REQUEST_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-            writer.close()
-            return
-        request = head.split(b"\r\n", 1)[0].split()
-        if len(request) >= 2 and request[0] == b"GET" and request[1] in (b"/", b"/snapshot"):
-            status, body = "200 OK", json.dumps(server.snapshot(), indent=1).encode()
-        else:
-            status, body = "404 Not Found", b'{"error": "only GET / is served"}'
-        writer.write(
-            f"HTTP/1.0 {status}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
+    def __init__(self, status: str, message: str, *headers: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers
+
+
+class AdminEndpoint:
+    """The admin endpoint of one server (see :func:`start_admin`).
+
+    ``GET /`` answers with the server's description, its ``stats()``, and its
+    :data:`DEFAULT_OPERATIONS_LIMIT` oldest pending operations; ``GET /?limit=N`` with up to
+    N (0 to :data:`MAX_OPERATIONS_LIMIT`).  ``operations_total`` says how many there were.
+    """
+
+    def __init__(self, server: EchoServer, request_timeout: float) -> None:
+        self._server = server
+        self._timeout = request_timeout
+        self._listener: asyncio.Server | None = None
+        self._handlers: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        self._closing = False
+
+    async def _start(self, port: int) -> None:
+        self._listener = await asyncio.start_server(
+            self._handle, "127.0.0.1", port, limit=_MAX_REQUEST_HEAD
         )
-        try:
-            await writer.drain()
-        except OSError:
-            pass
-        writer.close()
 
-    return await asyncio.start_server(handle, "127.0.0.1", port, limit=_MAX_REQUEST_HEAD)
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        """The listening socket(s), as ``asyncio.Server.sockets``."""
+        return () if self._listener is None else tuple(self._listener.sockets)
+
+    @property
+    def port(self) -> int:
+        return int(self.sockets[0].getsockname()[1])
+
+    @property
+    def connections(self) -> int:
+        """Requests in progress: at most one request timeout old each."""
+        return len(self._handlers)
+
+    def close(self) -> None:
+        """Stop accepting, and drop every request in progress."""
+        self._closing = True
+        if self._listener is not None:
+            self._listener.close()
+        # Aborting (not cancelling the handler: 3.11's streams log a cancelled handler as an
+        # error) fails the handler's read or write at once, and it returns.
+        for writer in self._handlers.values():
+            writer.transport.abort()
+
+    async def wait_closed(self) -> None:
+        """Wait, at most one request timeout, until no connection of the endpoint remains."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                if self._handlers:
+                    await asyncio.wait(set(self._handlers))
+                if self._listener is not None:
+                    await self._listener.wait_closed()
+        except TimeoutError:
+            logger.warning(
+                "admin endpoint still had %d connection(s) %.1f s after closing; not waiting",
+                len(self._handlers),
+                self._timeout,
+            )
+
+    async def __aenter__(self) -> AdminEndpoint:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if self._closing or task is None:
+            writer.transport.abort()
+            return
+        self._handlers[task] = writer
+        peer = writer.get_extra_info("peername")
+        try:
+            async with asyncio.timeout(self._timeout):
+                head = await reader.readuntil(b"\r\n\r\n")
+                status, headers = "200 OK", tuple[str, ...]()
+                try:
+                    body = await self._answer(head)
+                except _Refusal as refusal:
+                    status, headers = refusal.status, refusal.headers
+                    body = json.dumps({"error": str(refusal)}).encode()
+                writer.write(_response(status, headers, body))
+                await writer.drain()
+                writer.close()
+                await writer.wait_closed()  # the last bytes are sent, or the deadline hits
+        except TimeoutError:
+            logger.warning(
+                "admin request from %s not done within %.1f s: connection dropped",
+                _format_address(peer) if peer else "-",
+                self._timeout,
+            )
+            writer.transport.abort()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            writer.transport.abort()  # hung up early, or a request head over 8 KiB
+        except OSError as exc:
+            logger.debug(
+                "admin connection from %s failed: %s (OS error %s)",
+                _format_address(peer) if peer else "-",
+                exc,
+                os_error_code(exc),
+            )
+            writer.transport.abort()
+        except BaseException:  # cancelled, or a bug: never leave the socket open
+            writer.transport.abort()
+            raise
+        finally:
+            del self._handlers[task]
+
+    async def _answer(self, head: bytes) -> bytes:
+        """The JSON body for a request *head*, or :class:`_Refusal`."""
+        lines = head[:-4].decode("latin-1").split("\r\n")
+        request = lines[0].split(" ")
+        if len(request) != 3 or not request[2].startswith("HTTP/1."):
+            raise _Refusal("400 Bad Request", "malformed request line")
+        hosts = []
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon or not name or name != name.strip():
+                raise _Refusal("400 Bad Request", "malformed header line")
+            if name.lower() == "host":
+                hosts.append(value.strip())
+        # Before anything else: a refused Host learns nothing, not even which paths exist.
+        if len(hosts) != 1 or not _is_loopback_host(hosts[0]):
+            raise _Refusal("403 Forbidden", "the Host header must be localhost, 127.0.0.1 or [::1]")
+        method, target = request[0], urllib.parse.urlsplit(request[1])
+        if method != "GET":
+            raise _Refusal("405 Method Not Allowed", "only GET is served", "Allow: GET")
+        if target.path not in ("/", "/snapshot") or target.scheme or target.netloc:
+            raise _Refusal("404 Not Found", "only GET / is served")
+        limit = _parse_limit(target.query)
+        document = await self._document(limit)
+        return json.dumps(document, separators=(",", ":")).encode()
+
+    async def _document(self, limit: int) -> dict[str, Any]:
+        """The server's stats and its *limit* oldest pending operations.
+
+        Each of ``stats()`` and ``pending_operations()`` walks every operation in flight
+        (about 10 microseconds each); the loop runs in between, so one request stalls it for
+        at most one walk at a time, and serializing is bounded by *limit*.
+        """
+        server = self._server
+        stats = server.stats()
+        document: dict[str, Any] = {
+            "server": {
+                "host": server.host,
+                "port": server.port,
+                "backend": server.backend_name,
+                "python": sys.version.split()[0],
+                "serving": server.is_serving(),
+            },
+            "stats": dataclasses.asdict(stats),
+            "operations": [],
+            "operations_total": sum(stats.pending_by_kind.values()),
+            "operations_limit": limit,
+            "operations_unavailable": stats.pending_unavailable,
+            "time": time.monotonic(),
+        }
+        if limit == 0 or stats.pending_unavailable is not None:
+            return document
+        await asyncio.sleep(0)
+        try:
+            operations = server.pending_operations()
+        except introspection.IntrospectionUnavailable as exc:
+            document["operations_unavailable"] = str(exc)
+            return document
+        document["operations"] = [op.as_dict() for op in operations[:limit]]
+        document["operations_total"] = len(operations)
+        document["time"] = time.monotonic()
+        return document
+
+
+def _format_address(address: Any) -> str:
+    """``host:port`` (``[host]:port`` for IPv6) for a log line."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return str(address)
+
+
+def _is_loopback_host(value: str) -> bool:
+    match = _LOOPBACK_HOST.fullmatch(value.lower())
+    return match is not None and (match["port"] is None or 0 < int(match["port"]) < 65536)
+
+
+def _parse_limit(query: str) -> int:
+    if not query:
+        return DEFAULT_OPERATIONS_LIMIT
+    try:
+        fields = urllib.parse.parse_qs(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise _Refusal("400 Bad Request", "malformed query") from None
+    values = fields.pop("limit", None)
+    if fields:
+        raise _Refusal("400 Bad Request", "the only query parameter is limit")
+    if values is None or len(values) != 1 or not values[0].isdigit() or len(values[0]) > 6:
+        raise _Refusal("400 Bad Request", "limit must be one whole number")
+    limit = int(values[0])
+    if limit > MAX_OPERATIONS_LIMIT:
+        raise _Refusal("400 Bad Request", f"limit must be at most {MAX_OPERATIONS_LIMIT}")
+    return limit
+
+
+def _response(status: str, headers: tuple[str, ...], body: bytes) -> bytes:
+    head = [
+        f"HTTP/1.0 {status}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+        "X-Content-Type-Options: nosniff",
+        "Connection: close",
+        *headers,
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
+
+
+async def start_admin(
+    server: EchoServer, port: int = 0, *, request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+) -> AdminEndpoint:
+    """Serve *server*'s stats and pending operations as JSON on ``http://127.0.0.1:PORT/``.
+
+    A client gets *request_timeout* seconds for its whole request; close the endpoint with
+    ``close()`` and ``await wait_closed()`` (or use it as an async context manager).
+    """
+    if not request_timeout > 0:
+        raise ValueError(f"request_timeout must be greater than 0, got {request_timeout}")
+    endpoint = AdminEndpoint(server, request_timeout)
+    await endpoint._start(port)
+    return endpoint
