@@ -7,6 +7,7 @@
 >>> iocp_echo.run(main())  # doctest: +SKIP
 """
 
+from ._transport import CompletionTransport, LendingProtocol
 from .errors import (
     AddressInUseError,
     InvalidPortError,
@@ -22,16 +23,18 @@ from .introspection import (
 )
 from .loops import backend_name, new_event_loop, run
 from .protocol import DEFAULT_MAX_READ, EchoProtocol
-from .server import EchoServer, ServerStats, serve_echo
+from .server import EchoServer, ServerStats, serve, serve_echo
 
 __all__ = [
     "DEFAULT_MAX_READ",
     "AddressInUseError",
+    "CompletionTransport",
     "EchoProtocol",
     "EchoServer",
     "IntrospectionUnavailable",
     "InvalidPortError",
     "IocpEchoError",
+    "LendingProtocol",
     "PendingOperation",
     "ProactorRequiredError",
     "ServerStats",
@@ -41,6 +44,7 @@ __all__ = [
     "pending_operations",
     "pending_operations_threadsafe",
     "run",
+    "serve",
     "serve_echo",
 ]
 

@@ -12,15 +12,63 @@ import socket
 import sys
 from asyncio import proactor_events
 from types import ModuleType
-from typing import Any, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
+from ._transport import CompletionTransport, ConnectionOwner
 from .errors import ProactorRequiredError, UnsupportedPlatformError
 
-__all__ = ["Backend", "backend", "require_proactor"]
+__all__ = ["Backend", "BackendOperation", "Engine", "backend", "require_proactor"]
+
+
+class BackendOperation(NamedTuple):
+    """One operation a backend's proactor has in flight, as far as the backend knows it.
+
+    ``future`` is the operation's Future, or None for the engine's operations (which have
+    none); ``kind``, ``nbytes``, ``started`` and ``state`` are None where the backend does not
+    record them (CPython's IocpProactor records none of them for its own operations), and
+    ``callback_name`` is the proactor callback's name, the only hint then left.
+    """
+
+    future: asyncio.Future[Any] | None
+    sock: Any
+    kind: str | None
+    nbytes: int | None
+    started: float | None
+    state: str | None
+    callback_name: str
+
+
+class Engine(Protocol):
+    """A backend's completion engine for one server: makes its connections' transports."""
+
+    @property
+    def name(self) -> str: ...
+
+    #: Whether the server's sweep must call :meth:`sweep` (to reclaim buffers from quiet
+    #: connections) even without an idle timeout.
+    needs_sweep: bool
+
+    def connect(
+        self,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        *,
+        peer: Any,
+        write_high_water: int,
+        owner: ConnectionOwner | None,
+    ) -> CompletionTransport: ...
+
+    def sweep(self, now: float) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Backend(Protocol):
     NAME: str
+
+    def make_engine(self, loop: asyncio.AbstractEventLoop, *, max_read: int) -> Engine:
+        """The completion engine, or InternalsUnavailable/OSError saying why it cannot run."""
+        ...
 
     def new_event_loop(self) -> asyncio.AbstractEventLoop: ...
 
@@ -32,11 +80,9 @@ class Backend(Protocol):
         self, loop: asyncio.AbstractEventLoop, listener: socket.socket
     ) -> asyncio.Future[tuple[socket.socket, Any]]: ...
 
-    def operations(
-        self, loop: asyncio.AbstractEventLoop
-    ) -> list[tuple[asyncio.Future[Any], Any, str | None, int | None, float | None, str]]:
-        """In-flight operations: (future, socket, kind, nbytes, started, callback name), the
-        unknowns None; raises LookupError, with the reason, when they cannot be read."""
+    def operations(self, loop: asyncio.AbstractEventLoop) -> list[BackendOperation]:
+        """In-flight operations; raises LookupError, with the reason, when they cannot be
+        read."""
         ...
 
 

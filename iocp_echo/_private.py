@@ -9,6 +9,8 @@ therefore reached through private names that have been stable from 3.4 to 3.13:
   ``IocpProactor._register()`` and ``IocpProactor._cache`` (``ov.address -> (future, ov, obj,
   callback)``), read-only: an entry is never removed or touched here, because freeing a pending
   ``OVERLAPPED`` lets the kernel write into freed memory (gh-116773);
+* ``IocpProactor._poll``/``close`` dispatch through ``_cache`` (the completion engine's hook:
+  see :class:`CompletionHook`);
 * ``_ProactorReadPipeTransport._data`` (the read buffer, 3.10+), ``_read_fut``, ``_write_fut``
   and ``_pending_write``.
 
@@ -25,12 +27,15 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = [
+    "CompletionHook",
     "InternalsUnavailable",
     "accept_with_iocp",
     "capabilities",
+    "completion_hook",
     "overlapped_cache",
     "set_read_buffer_size",
     "transport_operation",
@@ -151,6 +156,50 @@ def accept_with_iocp(
     return future
 
 
+@dataclass(frozen=True)
+class CompletionHook:
+    """IocpProactor's packet dispatch, borrowed by the completion engine.
+
+    ``IocpProactor._poll`` pops ``_cache[address]`` for each dequeued packet and, when the
+    entry's future is not done, calls ``callback(transferred, key, ov)`` inline, then
+    ``future.set_result(value)``.  The engine puts its own entries in ``cache``: a stand-in
+    whose ``done()`` is always False (so the callback runs, with no Future and no
+    ``call_soon``), the ``Overlapped`` (kept alive until its packet is dequeued, which is what
+    the cache is for: gh-116773), the socket, and the connection's completion method.
+    ``IocpProactor.close()`` calls ``cancel()`` on every entry still cached and polls until
+    the cache is empty, so the stand-in's ``cancel()`` must cancel the I/O.
+    """
+
+    cache: dict[int, tuple[Any, Any, Any, Callable[[Any, Any, Any], Any]]]
+    register_socket: Callable[[socket.socket], None]
+
+
+#: Names ``IocpProactor._poll`` and ``close`` must use for the hook to behave as described:
+#: a code-object check that survives .pyc-only standard libraries (the embeddable CPython).
+_POLL_NAMES = frozenset({"_cache", "pop", "done", "set_result", "_results", "_stopped_serving"})
+_CLOSE_NAMES = frozenset({"_cache", "cancelled", "cancel", "_poll"})
+
+
+def completion_hook(loop: asyncio.AbstractEventLoop) -> CompletionHook:
+    """The loop's IocpProactor cache and socket registration, after checking their shape."""
+    proactor = _proactor(loop)
+    cache = getattr(proactor, "_cache", None)
+    register = getattr(proactor, "_register_with_iocp", None)
+    if not isinstance(cache, dict) or not callable(register):
+        raise InternalsUnavailable("IocpProactor has no _cache dict or _register_with_iocp")
+    for method, names in (("_poll", _POLL_NAMES), ("close", _CLOSE_NAMES)):
+        code = getattr(getattr(type(proactor), method, None), "__code__", None)
+        missing = names - set(getattr(code, "co_names", ()))
+        if missing:
+            raise InternalsUnavailable(
+                f"IocpProactor.{method} no longer uses {', '.join(sorted(missing))}: its "
+                "completion dispatch is not the one the engine was built for"
+            )
+    if not isinstance(getattr(proactor, "_results", None), list):
+        raise InternalsUnavailable("IocpProactor._results is not a list")
+    return CompletionHook(cache, register)
+
+
 def capabilities(loop: asyncio.AbstractEventLoop) -> dict[str, str | None]:
     """Which internals are usable on *loop*: name -> ``None`` if usable, else the reason."""
     report: dict[str, str | None] = {}
@@ -169,4 +218,9 @@ def capabilities(loop: asyncio.AbstractEventLoop) -> dict[str, str | None]:
         )
     except InternalsUnavailable as exc:
         report["accept_with_iocp"] = str(exc)
+    try:
+        completion_hook(loop)
+        report["completion_hook"] = None
+    except InternalsUnavailable as exc:
+        report["completion_hook"] = str(exc)
     return report

@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 from . import loops
 from .admin import DEFAULT_STUCK_AFTER, log_stats, start_admin
 from .errors import IocpEchoError
-from .protocol import _format_peer
-from .server import DEFAULT_HOST, DEFAULT_PORT, EchoServer, _validate_port, serve_echo
+from .listeners import format_address as _format_peer
+from .listeners import validate_port as _validate_port
+from .server import DEFAULT_HOST, DEFAULT_PORT, EchoServer, serve_echo
 
 __all__ = ["build_parser", "main"]
 

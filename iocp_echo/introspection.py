@@ -26,6 +26,7 @@ from . import _platform, _private
 __all__ = [
     "IntrospectionUnavailable",
     "PendingOperation",
+    "engine_operations",
     "pending_operations",
     "pending_operations_threadsafe",
     "summarize",
@@ -157,20 +158,22 @@ def collect(
     self_pipe = getattr(loop, "_ssock", None)
     now = time.monotonic()
     operations = []
-    for future, obj, known_kind, known_nbytes, known_started, callback_name in entries:
+    for entry in entries:
+        future, obj = entry.future, entry.sock
         if wanted is not None and id(obj) not in wanted:
             continue
         kind: Kind
         nbytes: int | None
         owner = owners.get(id(obj))
-        issued = _issued.get(future)
+        issued = _issued.get(future) if future is not None else None
         if issued is not None:
             kind, nbytes, started = issued
-        elif known_kind is not None:  # a backend that records what it issues
-            kind, nbytes = known_kind, known_nbytes  # type: ignore[assignment]
-            started = known_started if known_started is not None else now
+        elif entry.kind is not None:  # a backend that records what it issues
+            kind, nbytes = entry.kind, entry.nbytes  # type: ignore[assignment]
+            started = entry.started if entry.started is not None else now
         elif (
-            owner is not None
+            future is not None
+            and owner is not None
             and owner.transport is not None
             and (transport_op := _private.transport_operation(owner.transport, future))
         ):
@@ -179,13 +182,17 @@ def collect(
             started = owner.read_started if kind == "recv" else _first_seen.setdefault(future, now)
         elif obj is self_pipe and self_pipe is not None:
             kind, nbytes = "wakeup", 4096  # the loop reads its self-pipe 4 KiB at a time
-            started = _first_seen.setdefault(future, now)
+            started = _first_seen.setdefault(future, now) if future is not None else now
         else:
-            kind, nbytes = _KIND_BY_CALLBACK.get(callback_name, "unknown"), None
-            started = _first_seen.setdefault(future, now)
-        if future.cancelled():
-            state: State = "cancelling"
-        elif future.done():
+            kind = _KIND_BY_CALLBACK.get(entry.callback_name, "unknown")
+            nbytes = None
+            started = _first_seen.setdefault(future, now) if future is not None else now
+        state: State
+        if entry.state is not None:
+            state = entry.state  # type: ignore[assignment]
+        elif future is not None and future.cancelled():
+            state = "cancelling"
+        elif future is not None and future.done():
             state = "completing"
         else:
             state = "pending"
@@ -195,6 +202,20 @@ def collect(
         )
     operations.sort(key=lambda op: op.started)
     return operations
+
+
+def engine_operations(transport: Any) -> list[PendingOperation]:
+    """The operations in flight of one engine connection, from what the engine recorded:
+    exact kind, size and start, and no system call (a snapshot of many connections must
+    stay cheap)."""
+    now = time.monotonic()
+    sock = transport.socket
+    fileno = transport._fileno
+    local = transport.get_extra_info("sockname") if sock.fileno() != -1 else None
+    return [
+        PendingOperation(kind, state, fileno, local, transport.peer, nbytes, started, now - started)
+        for kind, state, nbytes, started in transport.operations()
+    ]
 
 
 def summarize(operations: Iterable[PendingOperation]) -> dict[str, Any]:

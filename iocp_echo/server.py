@@ -1,10 +1,15 @@
-"""``serve_echo()`` and the :class:`EchoServer` it returns.
+"""``serve()``, ``serve_echo()`` and the :class:`EchoServer` they return.
 
 The server owns its accept loop instead of using ``loop.create_server()``: asyncio's proactor
 accept loop closes the listening socket when a single accept fails (CPython gh-93821), and
 stops accepting when setting up one connection raises (gh-156365).  Here a failed accept costs
 one connection, a failed set-up costs one connection, and the listener lives until
 :meth:`EchoServer.close`.
+
+Each accepted connection gets a transport of the backend's completion engine (driven straight
+from its completions: see ``_transport.py``), or, for TLS and when the engine cannot start on
+this CPython or kernel, asyncio's own proactor transport (``_stock.py``).  One sweep timer per
+server closes idle connections and lets the engine reclaim buffers from quiet ones.
 """
 
 from __future__ import annotations
@@ -23,11 +28,17 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from . import _platform, introspection
-from .errors import AddressInUseError, InvalidPortError, is_address_in_use, os_error_code
-from .protocol import DEFAULT_MAX_READ, DEFAULT_WRITE_HIGH_WATER, EchoProtocol, _format_peer
+from . import _platform, _private, introspection
+from ._logflood import LogLimiter
+from ._stock import StockConnection
+from ._transport import DEFAULT_WRITE_HIGH_WATER, CompletionTransport
+from .errors import os_error_code
+from .listeners import format_address, open_listeners, validate_port, validate_positive
+from .protocol import DEFAULT_MAX_READ, EchoProtocol
 
-__all__ = ["EchoServer", "ServerStats", "serve_echo"]
+__all__ = ["EchoServer", "ServerStats", "serve", "serve_echo"]
+
+_format_peer = format_address
 
 logger = logging.getLogger("iocp_echo.server")
 
@@ -43,6 +54,12 @@ ACCEPTS_IN_FLIGHT = 4
 ACCEPT_ERROR_BACKOFF = 0.5
 #: How long wait_closed() waits for cancelled operations' completion packets.
 _DRAIN_TIMEOUT = 5.0
+#: The sweep's period: idle connections are closed at most this late, and quiet ones give
+#: their read buffer back after QUIET_AFTER plus at most this.
+SWEEP_INTERVAL = 1.0
+
+#: A connection as the server sees it: the engine's transport, or the fallback's adapter.
+Connection = CompletionTransport | StockConnection
 
 
 @dataclass(frozen=True)
@@ -66,64 +83,63 @@ class ServerStats:
     pending_unavailable: str | None = None
 
 
-def _validate_port(port: object) -> int:
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise InvalidPortError(f"port must be an integer, got {port!r}")
-    if port != 0 and not 1024 <= port <= 65535:
-        raise InvalidPortError(
-            f"port {port} is out of range: use 1024-65535, or 0 to let the OS choose a free port"
-        )
-    return port
+async def serve(
+    protocol_factory: Callable[[], asyncio.BaseProtocol],
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    *,
+    max_read: int = DEFAULT_MAX_READ,
+    max_connections: int | None = None,
+    idle_timeout: float | None = None,
+    ssl: _ssl.SSLContext | None = None,
+    backlog: int = DEFAULT_BACKLOG,
+    write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+) -> EchoServer:
+    """Serve any asyncio protocol on the running proactor loop; return the server, accepting.
 
+    *protocol_factory* makes one :class:`asyncio.Protocol` or :class:`asyncio.BufferedProtocol`
+    per connection (or a protocol with ``data_lent``: see :class:`iocp_echo.LendingProtocol`).
+    Arguments are checked first (:class:`InvalidPortError` for a port outside 1024-65535 and
+    not 0), then the platform (:class:`UnsupportedPlatformError`), then the running loop
+    (:class:`ProactorRequiredError`), all before any socket is opened.  A port in use raises
+    :class:`AddressInUseError` naming it.
 
-def _validate_positive(name: str, value: object, *, allow_none: bool, kind: type = int) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        expected = "a number" if kind is float else "an integer"
-        raise TypeError(f"{name} must be {expected}, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be greater than 0, got {value!r}")
-
-
-def _open_listeners(
-    host: str, port: int, backlog: int, prepare: Callable[[socket.socket], None]
-) -> list[socket.socket]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    listeners: list[socket.socket] = []
-    seen = set()
-    try:
-        for family, type_, proto, _canon, address in infos:
-            if (family, address) in seen:
-                continue
-            seen.add((family, address))
-            if listeners and port == 0:  # every address on the port the OS chose first
-                address = (address[0], listeners[0].getsockname()[1], *address[2:])
-            sock = socket.socket(family, type_, proto)
-            listeners.append(sock)
-            prepare(sock)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(address)
-            except OSError as exc:
-                if is_address_in_use(exc):
-                    raise AddressInUseError(
-                        exc.errno,
-                        f"cannot listen on {_format_peer(address)}: port {address[1]!r} is already "
-                        f"in use (OS error {os_error_code(exc)}); stop the program using it or "
-                        f"choose another port",
-                    ) from None
-                raise OSError(
-                    exc.errno, f"cannot listen on {_format_peer(address)}: {exc.strerror}"
-                ) from exc
-            sock.listen(backlog)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in listeners:
-            sock.close()
-        raise
-    return listeners
+    *max_read* caps every read; *max_connections* closes connections past the limit at once;
+    *idle_timeout* closes a connection with no traffic in either direction for that many
+    seconds; *write_high_water* is how many unsent bytes make a transport ask its protocol to
+    pause; *shutdown_timeout* bounds how long :meth:`EchoServer.wait_closed` lets in-flight
+    writes drain.
+    """
+    port = validate_port(port)
+    if not callable(protocol_factory):
+        raise TypeError(f"protocol_factory must be callable, got {protocol_factory!r}")
+    validate_positive("max_read", max_read, allow_none=False)
+    validate_positive("max_connections", max_connections, allow_none=True)
+    validate_positive("idle_timeout", idle_timeout, allow_none=True, kind=float)
+    validate_positive("backlog", backlog, allow_none=False)
+    validate_positive("write_high_water", write_high_water, allow_none=False)
+    validate_positive("shutdown_timeout", shutdown_timeout, allow_none=False, kind=float)
+    if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
+        raise TypeError(f"ssl must be an ssl.SSLContext or None, got {ssl!r}")
+    backend = _platform.backend()
+    loop = asyncio.get_running_loop()
+    _platform.require_proactor(loop)
+    listeners = open_listeners(host, port, backlog, backend.prepare_listener)
+    server = EchoServer(
+        loop,
+        backend,
+        listeners,
+        protocol_factory,
+        max_read=max_read,
+        max_connections=max_connections,
+        idle_timeout=idle_timeout,
+        ssl=ssl,
+        write_high_water=write_high_water,
+        shutdown_timeout=shutdown_timeout,
+    )
+    server._start()
+    return server
 
 
 async def serve_echo(
@@ -138,55 +154,32 @@ async def serve_echo(
     write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
 ) -> EchoServer:
-    """Start an echo server on the running proactor loop and return it, already accepting.
-
-    Arguments are checked first (:class:`InvalidPortError` for a port outside 1024-65535 and
-    not 0), then the platform (:class:`UnsupportedPlatformError`), then the running loop
-    (:class:`ProactorRequiredError`), all before any socket is opened.  A port in use raises
-    :class:`AddressInUseError` naming it.
-
-    *max_read* caps every read; *max_connections* closes connections past the limit at once;
-    *idle_timeout* closes a connection with no traffic in either direction for that many
-    seconds; *write_high_water* is how many unsent bytes make the server stop reading from a
-    client; *shutdown_timeout* bounds how long :meth:`EchoServer.wait_closed` lets in-flight
-    echoes drain.
-    """
-    port = _validate_port(port)
-    _validate_positive("max_read", max_read, allow_none=False)
-    _validate_positive("max_connections", max_connections, allow_none=True)
-    _validate_positive("idle_timeout", idle_timeout, allow_none=True, kind=float)
-    _validate_positive("backlog", backlog, allow_none=False)
-    _validate_positive("write_high_water", write_high_water, allow_none=False)
-    _validate_positive("shutdown_timeout", shutdown_timeout, allow_none=False, kind=float)
-    if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
-        raise TypeError(f"ssl must be an ssl.SSLContext or None, got {ssl!r}")
-    backend = _platform.backend()
-    loop = asyncio.get_running_loop()
-    _platform.require_proactor(loop)
-    listeners = _open_listeners(host, port, backlog, backend.prepare_listener)
-    server = EchoServer(
-        loop,
-        backend,
-        listeners,
+    """Start an echo server on the running proactor loop: :func:`serve` with
+    :class:`EchoProtocol`.  See :func:`serve` for the arguments and the errors raised."""
+    validate_positive("max_read", max_read, allow_none=False)
+    return await serve(
+        lambda: EchoProtocol(max_read=max_read),
+        host,
+        port,
         max_read=max_read,
         max_connections=max_connections,
         idle_timeout=idle_timeout,
         ssl=ssl,
+        backlog=backlog,
         write_high_water=write_high_water,
         shutdown_timeout=shutdown_timeout,
     )
-    server._start()
-    return server
 
 
 class EchoServer:
-    """A running echo server.  Use ``async with`` or call :meth:`close` and :meth:`wait_closed`."""
+    """A running server.  Use ``async with`` or call :meth:`close` and :meth:`wait_closed`."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         backend: _platform.Backend,
         listeners: list[socket.socket],
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
         *,
         max_read: int,
         max_connections: int | None,
@@ -198,6 +191,7 @@ class EchoServer:
         self._loop = loop
         self._backend = backend
         self._listeners = listeners
+        self._protocol_factory = protocol_factory
         self._max_read = max_read
         self._max_connections = max_connections
         self._idle_timeout = idle_timeout
@@ -207,22 +201,38 @@ class EchoServer:
         self._accept_tasks: list[asyncio.Task[None]] = []
         self._accepts: set[asyncio.Future[tuple[socket.socket, Any]]] = set()
         self._setup_tasks: set[asyncio.Task[None]] = set()
-        self._connections: set[EchoProtocol] = set()
+        self._connections: set[Connection] = set()
         self._no_connections = asyncio.Event()
         self._no_connections.set()
         self._closing = False
         self._closed = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
+        self._sweep_handle: asyncio.TimerHandle | None = None
         self._total = 0
         self._refused = 0
         self._failed_accepts = 0
         self._closed_bytes_in = 0
         self._closed_bytes_out = 0
         self._errors: Counter[str] = Counter()
+        #: Lines a client can cause are rate-limited per kind; stats keep exact counts.
+        self._log = LogLimiter(logger)
         self._local = listeners[0].getsockname()
-        # Sockets of closed connections, kept (weakly: the proactor's cache holds them while an
-        # operation is in flight) so that pending_operations() still sees their cancelled I/O.
-        self._released_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        # Connections already closed, kept weakly (an operation in flight keeps them alive) so
+        # that pending_operations() still sees their cancelled I/O until the kernel returns it.
+        self._released: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._engine: _platform.Engine | None = None
+        self._engine_unavailable: str | None = "TLS runs on asyncio's own transport"
+        if ssl is None:
+            try:
+                self._engine = backend.make_engine(loop, max_read=max_read)
+                self._engine_unavailable = None
+            except (_private.InternalsUnavailable, OSError) as exc:
+                self._engine_unavailable = str(exc)
+                logger.warning(
+                    "the completion engine is unavailable (%s); serving on asyncio's own "
+                    "proactor transports instead",
+                    exc,
+                )
 
     # -- public API -------------------------------------------------------------------------
 
@@ -244,6 +254,13 @@ class EchoServer:
     def backend_name(self) -> str:
         return self._backend.NAME
 
+    @property
+    def engine_name(self) -> str:
+        """Which transports serve connections: the completion engine, or asyncio's own."""
+        if self._engine is not None:
+            return self._engine.name
+        return f"asyncio proactor transports ({self._engine_unavailable})"
+
     def is_serving(self) -> bool:
         return not self._closing
 
@@ -262,7 +279,7 @@ class EchoServer:
             failed_accepts=self._failed_accepts,
             bytes_received=self._closed_bytes_in + sum(c.bytes_received for c in connections),
             bytes_sent=self._closed_bytes_out + sum(c.bytes_sent for c in connections),
-            bytes_unsent=sum(c.bytes_unsent for c in connections),
+            bytes_unsent=sum(c.get_write_buffer_size() for c in connections),
             reading_paused=sum(c.reading_paused for c in connections),
             errors=dict(self._errors),
             pending_by_kind=pending["by_kind"],
@@ -272,18 +289,33 @@ class EchoServer:
         )
 
     def pending_operations(self) -> list[introspection.PendingOperation]:
-        """The overlapped operations in flight on this server's sockets, oldest first: its
-        accepts and its connections' reads and writes (and, just after they close, their
-        cancelled operations until the completion port returns them)."""
+        """The operations in flight on this server's sockets, oldest first: its accepts and
+        its connections' reads and writes (and, just after they close, their cancelled
+        operations until the kernel returns them)."""
+        engine_ops: list[introspection.PendingOperation] = []
+        stock_sockets: list[socket.socket] = list(self._listeners)
+        for connection in [*self._connections, *self._released]:
+            if isinstance(connection, CompletionTransport):
+                engine_ops.extend(introspection.engine_operations(connection))
+            else:
+                stock_sockets.append(connection.socket)
         _, owners = self.owners()
-        sockets = [*self._listeners, *self._released_sockets]
-        sockets += [c._sock for c in self._connections if c._sock is not None]
-        return introspection.collect(self._loop, sockets, owners)
+        operations = introspection.collect(self._loop, stock_sockets, owners)
+        if engine_ops:
+            operations = sorted([*operations, *engine_ops], key=lambda op: op.started)
+        return operations
 
-    def owners(self) -> tuple[asyncio.AbstractEventLoop, dict[int, EchoProtocol]]:
-        """This server's connections by ``id()`` of their socket (for introspection)."""
-        owned = {id(c._sock): c for c in self._connections if c._sock is not None}
+    def owners(self) -> tuple[asyncio.AbstractEventLoop, dict[int, Any]]:
+        """This server's fallback connections by ``id()`` of their socket (introspection
+        matches their transports' futures with them)."""
+        owned = {id(c.socket): c for c in self._connections if isinstance(c, StockConnection)}
         return self._loop, owned
+
+    def engine_connections(self) -> list[CompletionTransport]:
+        """Connections on the engine, open or closed with operations still in flight."""
+        return [
+            c for c in [*self._connections, *self._released] if isinstance(c, CompletionTransport)
+        ]
 
     def snapshot(self) -> dict[str, Any]:
         """Everything known about the server now, ready for ``json.dumps``."""
@@ -297,6 +329,7 @@ class EchoServer:
                 "host": self.host,
                 "port": self.port,
                 "backend": self._backend.NAME,
+                "engine": self.engine_name,
                 "python": sys.version.split()[0],
                 "serving": self.is_serving(),
             },
@@ -324,9 +357,8 @@ class EchoServer:
     async def wait_closed(self) -> None:
         """Wait until the server is fully closed.
 
-        In-flight echoes get up to *shutdown_timeout* seconds to be sent; connections still
-        open then are aborted.  On return no socket, task or overlapped operation of this
-        server remains.
+        In-flight writes get up to *shutdown_timeout* seconds to be sent; connections still
+        open then are aborted.  On return no socket, task or operation of this server remains.
         """
         if not self._closing:
             # asyncio.Server semantics: waiting on a server nobody closed waits for the close.
@@ -359,14 +391,14 @@ class EchoServer:
     def __repr__(self) -> str:
         state = "closing" if self._closing else "serving"
         return (
-            f"<EchoServer {_format_peer(self._local)} {state} "
+            f"<EchoServer {format_address(self._local)} {state} "
             f"connections={len(self._connections)} backend={self._backend.NAME!r}>"
         )
 
     # -- accepting --------------------------------------------------------------------------
 
     def _start(self) -> None:
-        """Post the first accepts now, so that serve_echo() returns with AcceptEx in flight."""
+        """Post the first accepts now, so that serve() returns with accepts in flight."""
         introspection.register_source(self)
         try:
             for listener in self._listeners:
@@ -377,6 +409,7 @@ class EchoServer:
         except BaseException:
             self.close()
             raise
+        self._sweep_handle = self._loop.call_later(self._sweep_interval(), self._sweep)
 
     def _issue_accept(self, listener: socket.socket) -> asyncio.Future[tuple[socket.socket, Any]]:
         future = self._backend.accept(self._loop, listener)
@@ -411,17 +444,20 @@ class EchoServer:
                 self._errors[type(exc).__name__] += 1
                 self._failed_accepts += 1
                 if self._backend.is_transient_accept_error(exc):
-                    logger.warning(
+                    self._log.log(
+                        "accept failed",
+                        logging.WARNING,
                         "accept on %s failed: the client went away before it completed: %s "
                         "(OS error %s); still accepting",
-                        _format_peer(self._local),
+                        format_address(self._local),
                         exc,
                         os_error_code(exc),
+                        error_class=type(exc).__name__,
                     )
                     continue
                 logger.error(
                     "accept on %s failed: %s (OS error %s); retrying in %.1f s",
-                    _format_peer(self._local),
+                    format_address(self._local),
                     exc,
                     os_error_code(exc),
                     ACCEPT_ERROR_BACKOFF,
@@ -444,73 +480,170 @@ class EchoServer:
             return
         if self._max_connections is not None and len(self._connections) >= self._max_connections:
             self._refused += 1
-            logger.warning(
+            self._log.log(
+                "connection refused",
+                logging.WARNING,
                 "refusing connection from %s: max_connections=%d reached",
-                _format_peer(address),
+                format_address(address),
                 self._max_connections,
+                error_class="max_connections",
             )
             conn.close()
             return
-        protocol = EchoProtocol(
-            max_read=self._max_read,
-            idle_timeout=self._idle_timeout,
-            write_high_water=self._write_high_water,
-            sock=conn,
-            on_lost=self._connection_lost,
-        )
-        protocol.peer = address
-        self._connections.add(protocol)
-        self._no_connections.clear()
         self._total += 1
-        task = self._loop.create_task(self._set_up(conn, protocol))
-        self._setup_tasks.add(task)
-        task.add_done_callback(self._setup_tasks.discard)
-
-    async def _set_up(self, conn: socket.socket, protocol: EchoProtocol) -> None:
-        """Wrap an accepted socket in a proactor transport; a failure costs only this client."""
+        if self._engine is None:
+            task = self._loop.create_task(self._set_up_stock(conn, address))
+            self._setup_tasks.add(task)
+            task.add_done_callback(self._setup_tasks.discard)
+            return
         try:
-            await self._loop.connect_accepted_socket(lambda: protocol, conn, ssl=self._ssl)
+            protocol = self._protocol_factory()
+            transport = self._engine.connect(
+                conn,
+                protocol,
+                peer=address,
+                write_high_water=self._write_high_water,
+                owner=self,
+            )
+        except Exception as exc:
+            conn.close()
+            self._set_up_failed(address, exc)
+            return
+        self._connections.add(transport)
+        self._no_connections.clear()
+        logger.debug("connection opened from %s", format_address(address))
+        transport.start()
+
+    async def _set_up_stock(self, conn: socket.socket, address: Any) -> None:
+        """Wrap an accepted socket in asyncio's proactor transport (TLS, or no engine)."""
+        connection: StockConnection | None = None
+        try:
+            connection = StockConnection(
+                self._protocol_factory(),
+                sock=conn,
+                peer=address,
+                max_read=self._max_read,
+                write_high_water=self._write_high_water,
+                owner=self,
+            )
+            self._connections.add(connection)
+            self._no_connections.clear()
+            logger.debug("connection opened from %s", format_address(address))
+            await self._loop.connect_accepted_socket(lambda: connection, conn, ssl=self._ssl)
         except BaseException as exc:
-            if protocol.transport is None:  # connection_lost will not come: clean up here
-                conn.close()
-                self._forget(protocol)
+            if connection is None or connection.transport is None:
+                conn.close()  # connection_lost will not come: clean up here
+                if connection is not None:
+                    self._forget(connection)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            self._set_up_failed(address, exc)
+
+    def _set_up_failed(self, address: Any, exc: BaseException) -> None:
+        """A failure making one connection costs that connection only."""
+        self._errors[type(exc).__name__] += 1
+        if isinstance(exc, OSError):
+            self._log.log(
+                "set-up failed",
+                logging.WARNING,
+                "setting up the connection from %s failed: %s (OS error %s)",
+                format_address(address),
+                exc,
+                os_error_code(exc),
+                error_class=type(exc).__name__,
+            )
+        else:
+            self._log.log(
+                "set-up failed",
+                logging.ERROR,
+                "setting up the connection from %s failed",
+                format_address(address),
+                exc_info=exc,
+                error_class=type(exc).__name__,
+            )
+
+    def transport_lost(self, connection: Any, exc: BaseException | None) -> None:
+        """A connection ended (its protocol's ``connection_lost`` has run)."""
+        peer = format_address(connection.peer)
+        if exc is None:
+            logger.debug("connection from %s closed", peer)
+        else:
             self._errors[type(exc).__name__] += 1
             if isinstance(exc, OSError):
-                logger.warning(
-                    "setting up the connection from %s failed: %s (OS error %s)",
-                    _format_peer(protocol.peer),
+                self._log.log(
+                    "connection lost",
+                    logging.WARNING,
+                    "connection from %s lost: %s: %s (OS error %s)",
+                    peer,
+                    type(exc).__name__,
                     exc,
                     os_error_code(exc),
+                    error_class=type(exc).__name__,
                 )
             else:
-                logger.error(
-                    "setting up the connection from %s failed",
-                    _format_peer(protocol.peer),
+                self._log.log(
+                    "connection lost",
+                    logging.ERROR,
+                    "connection from %s failed",
+                    peer,
                     exc_info=exc,
+                    error_class=type(exc).__name__,
                 )
+        self._forget(connection)
 
-    def _connection_lost(self, protocol: EchoProtocol, exc: BaseException | None) -> None:
-        if exc is not None:
-            self._errors[type(exc).__name__] += 1
-        self._forget(protocol)
-
-    def _forget(self, protocol: EchoProtocol) -> None:
-        if protocol not in self._connections:
+    def _forget(self, connection: Connection) -> None:
+        if connection not in self._connections:
             return
-        self._connections.discard(protocol)
-        self._closed_bytes_in += protocol.bytes_received
-        self._closed_bytes_out += protocol.bytes_sent
-        if protocol._sock is not None:
-            self._released_sockets.add(protocol._sock)
+        self._connections.discard(connection)
+        self._closed_bytes_in += connection.bytes_received
+        self._closed_bytes_out += connection.bytes_sent
+        self._released.add(connection)
         if not self._connections:
             self._no_connections.set()
+
+    # -- the sweep --------------------------------------------------------------------------
+
+    def _sweep_interval(self) -> float:
+        if self._idle_timeout is None:
+            return SWEEP_INTERVAL
+        return min(SWEEP_INTERVAL, self._idle_timeout / 4)
+
+    def _sweep(self) -> None:
+        """Once per interval for the whole server: idle connections are closed, quiet ones
+        give their read buffers back, rate-limited log lines are summarised.  One timer, not
+        one per connection."""
+        self._sweep_handle = None
+        if self._closing:
+            return
+        self._log.flush()
+        now = time.monotonic()
+        if self._engine is not None:
+            self._engine.sweep(now)
+        timeout = self._idle_timeout
+        if timeout is not None:
+            for connection in list(self._connections):
+                if isinstance(connection, StockConnection):
+                    last = connection.note_activity(now)
+                else:
+                    last = connection.last_activity
+                if now - last >= timeout:
+                    self._log.log(
+                        "idle connection closed",
+                        logging.INFO,
+                        "closing connection from %s: no traffic for %.1f s (idle_timeout)",
+                        format_address(connection.peer),
+                        now - last,
+                    )
+                    connection.abort()
+        self._sweep_handle = self._loop.call_later(self._sweep_interval(), self._sweep)
 
     # -- closing ----------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
         try:
+            if self._sweep_handle is not None:
+                self._sweep_handle.cancel()
+                self._sweep_handle = None
             await asyncio.gather(*self._accept_tasks, return_exceptions=True)
             for task in list(self._setup_tasks):
                 task.cancel()
@@ -529,14 +662,17 @@ class EchoServer:
                     connection.abort()
                 await self._no_connections.wait()
             await self._drain_operations()
+            self._log.flush(force=True)
+            if self._engine is not None:
+                self._engine.close()
         finally:
             self._closed.set()
 
     async def _drain_operations(self) -> None:
-        """Wait until the completion port has returned every operation of this server.
+        """Wait until the kernel has returned every operation of this server.
 
-        A cancelled operation still owns its ``OVERLAPPED`` until the kernel's packet is
-        dequeued; only then is nothing of the server left in the proactor.
+        A cancelled operation still owns its buffer (and, on Windows, its ``OVERLAPPED``)
+        until its completion is dequeued; only then is nothing of the server left.
         """
         deadline = time.monotonic() + _DRAIN_TIMEOUT
         while True:
@@ -548,7 +684,7 @@ class EchoServer:
                 return
             if time.monotonic() >= deadline:
                 logger.warning(
-                    "%d overlapped operation(s) still pending %.0f s after close: %s",
+                    "%d operation(s) still pending %.0f s after close: %s",
                     len(remaining),
                     _DRAIN_TIMEOUT,
                     remaining,

@@ -18,10 +18,17 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what:
         await asyncio.sleep(0.005)
 
 
-async def connect(port: int, host: str = "127.0.0.1") -> socket.socket:
-    """A raw non-blocking client socket, connected through the loop (ConnectEx on Windows)."""
+async def connect(
+    port: int, host: str = "127.0.0.1", *, rcvbuf: int | None = None
+) -> socket.socket:
+    """A raw non-blocking client socket, connected through the loop (ConnectEx on Windows).
+
+    *rcvbuf* sets a small receive buffer before connecting (so the window stays small): the
+    way to make a server's echoes back up without relying on how much a kernel buffers."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.setblocking(False)
     await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 10)
     return sock

@@ -84,9 +84,15 @@ async def test_reads_never_ask_more_than_max_read() -> None:
 
 async def test_default_read_size_is_65535(server: iocp_echo.EchoServer) -> None:
     sock = await connect(server.port)
+    assert await echo_on(sock, b"wake up") == b"wake up"  # a busy connection reads in full
     await wait_until(lambda: any(op.kind == "recv" for op in server.pending_operations()))
     assert [op.nbytes for op in server.pending_operations() if op.kind == "recv"] == [65535]
     sock.close()
+
+
+async def echo_on(sock: socket.socket, payload: bytes) -> bytes:
+    await asyncio.get_running_loop().sock_sendall(sock, payload)
+    return await recv_exactly(sock, len(payload))
 
 
 async def test_thousand_concurrent_clients_each_get_their_own_bytes(

@@ -147,22 +147,20 @@ async def test_stock_asyncio_server_loses_its_listener_to_the_same_storm() -> No
 
 
 async def test_exception_setting_up_one_connection_does_not_stop_accepting(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """CPython gh-156365: with loop.create_server(), an exception while making one
     connection's transport stops the accept loop. Here it costs that connection only."""
     loop = asyncio.get_running_loop()
-    real = loop.connect_accepted_socket
-    failures = iter([RuntimeError("transport set-up failed"), OSError(24, "Too many files")])
+    failures = iter([RuntimeError("protocol set-up failed"), OSError(24, "Too many files")])
 
-    async def flaky(*args: object, **kwargs: object) -> object:
+    def flaky_factory() -> asyncio.BaseProtocol:
         failure = next(failures, None)
         if failure is not None:
             raise failure
-        return await real(*args, **kwargs)  # type: ignore[arg-type]
+        return iocp_echo.EchoProtocol()
 
-    monkeypatch.setattr(loop, "connect_accepted_socket", flaky)
-    async with await iocp_echo.serve_echo("127.0.0.1", 0) as server:
+    async with await iocp_echo.serve(flaky_factory, "127.0.0.1", 0) as server:
         for _ in range(2):  # each of these is dropped: the client sees the connection end
             sock = await connect(server.port)
             try:

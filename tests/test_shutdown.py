@@ -28,10 +28,10 @@ async def test_close_stops_accepting_at_once() -> None:
 
 async def test_wait_closed_lets_in_flight_echoes_finish() -> None:
     """Echoes the server has read but not yet sent are delivered before the connection closes."""
-    server = await iocp_echo.serve_echo("127.0.0.1", 0, write_high_water=16 * 1024 * 1024)
+    server = await iocp_echo.serve_echo("127.0.0.1", 0, write_high_water=64 * 1024 * 1024)
     loop = asyncio.get_running_loop()
-    sock = await connect(server.port)
-    payload = os.urandom(4 * 1024 * 1024)
+    sock = await connect(server.port, rcvbuf=16 * 1024)
+    payload = os.urandom(16 * 1024 * 1024)
     await loop.sock_sendall(sock, payload)  # and do not read yet
     await wait_until(lambda: server.stats().bytes_received == len(payload), timeout=30)
     assert server.stats().bytes_unsent > 0  # echoes in flight: the client is not reading

@@ -65,7 +65,7 @@ async def test_serve_echo_refuses_an_unsupported_platform_before_opening_a_socke
 ) -> None:
     opened: list[object] = []
     monkeypatch.setattr(sys, "platform", "darwin")
-    monkeypatch.setattr("iocp_echo.server._open_listeners", lambda *a: opened.append(a))
+    monkeypatch.setattr("iocp_echo.server.open_listeners", lambda *a: opened.append(a))
     with pytest.raises(iocp_echo.UnsupportedPlatformError, match="no completion backend"):
         await iocp_echo.serve_echo("127.0.0.1", 0)
     with pytest.raises(iocp_echo.UnsupportedPlatformError):

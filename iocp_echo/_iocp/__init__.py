@@ -26,8 +26,9 @@ import sys
 import threading
 from typing import Any
 
-from . import _private
-from .errors import os_error_code
+from .. import _private
+from .._platform import BackendOperation
+from ..errors import os_error_code
 
 logger = logging.getLogger("iocp_echo.iocp")
 
@@ -100,12 +101,25 @@ def accept(
         return asyncio.ensure_future(loop.sock_accept(listener))
 
 
-def operations(
-    loop: asyncio.AbstractEventLoop,
-) -> list[tuple[asyncio.Future[Any], Any, str | None, int | None, float | None, str]]:
-    """The proactor's in-flight operations as ``(future, socket, kind, nbytes, started,
-    callback name)``; IOCP records no kind, size or start, so those are None here."""
-    return [
-        (future, obj, None, None, None, callback)
-        for future, _ov, obj, callback in _private.overlapped_cache(loop)
-    ]
+def make_engine(loop: asyncio.AbstractEventLoop, *, max_read: int) -> Any:
+    """The IOCP completion engine (``engine.py``); InternalsUnavailable when CPython's
+    ``IocpProactor`` is not the one it was checked against."""
+    from .engine import IocpEngine
+
+    return IocpEngine(loop, max_read=max_read)
+
+
+def operations(loop: asyncio.AbstractEventLoop) -> list[BackendOperation]:
+    """The proactor's in-flight operations.  IOCP records no kind, size or start for its
+    own; the engine's entries are described from the connection that issued them."""
+    from .engine import describe_entry
+
+    listed = []
+    for future, ov, obj, callback in _private.overlapped_cache(loop):
+        known = describe_entry(future, ov)
+        if known is not None:
+            kind, state, nbytes, started = known
+            listed.append(BackendOperation(None, obj, kind, nbytes, started, state, callback))
+        else:
+            listed.append(BackendOperation(future, obj, None, None, None, None, callback))
+    return listed

@@ -1,0 +1,414 @@
+"""iocp_echo's own stream transport: the half of a connection that is the same on every backend.
+
+asyncio's proactor transports turn every completed operation into a Future whose done-callback
+runs on the next loop iteration (``call_soon``), and pin a 64 KiB read buffer per connection.
+The completion engine drives a connection straight from its completions instead: the backend
+calls the transport's completion methods inline, and the transport calls the protocol.  This
+module holds what does not depend on the kernel interface: the protocol hosting rules, flow
+control, the write queue's accounting, and closing.  The backend subclasses
+(``_iocp.engine.IocpTransport``, ``_uring.engine.UringTransport``) issue the reads and sends.
+
+Hosting rules (any asyncio protocol works):
+
+* a protocol with a ``data_lent(view)`` method (see :class:`LendingProtocol`) is lent a
+  ``memoryview`` of the engine's own pooled read buffer, valid only during the call; if it
+  passes that very view to :meth:`write`, the bytes are sent from the pooled buffer without a
+  copy, and the buffer returns to the pool when the kernel has sent them;
+* an :class:`asyncio.BufferedProtocol` gets ``get_buffer()``/``buffer_updated()``;
+* any other :class:`asyncio.Protocol` gets ``data_received(bytes)``.
+
+States of the write side (as in CPython's transports, documented where they are driven):
+IDLE (nothing in flight), SENDING (one send in flight, ``_sending`` bytes), BACKED UP (more
+queued behind it: ``_queue``).  Closing waits until the write side is IDLE; aborting does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["DEFAULT_WRITE_HIGH_WATER", "CompletionTransport", "LendingProtocol"]
+
+logger = logging.getLogger("iocp_echo.transport")
+
+#: Bytes waiting to be sent before the protocol is asked to pause writing (its producer).
+DEFAULT_WRITE_HIGH_WATER = 256 * 1024
+
+
+@runtime_checkable
+class LendingProtocol(Protocol):
+    """A protocol that can read straight from the engine's buffers.
+
+    ``data_lent`` receives a view of a pooled read buffer that is valid only until it returns.
+    Writing that same view back (``transport.write(view)``) hands the buffer to the send
+    without a copy, which is how the echo avoids touching its bytes in Python at all.
+    """
+
+    def data_lent(self, data: memoryview) -> None: ...
+
+
+class ConnectionOwner(Protocol):
+    """What a transport tells the object that accepted it (the server)."""
+
+    def transport_lost(self, transport: CompletionTransport, exc: BaseException | None) -> None: ...
+
+
+class CompletionTransport(asyncio.Transport):
+    """A stream transport driven by completions; see the module docstring."""
+
+    __slots__ = (
+        "__weakref__",
+        "_closing",
+        "_conn_lost",
+        "_deliver",
+        "_eof_pending",
+        "_eof_written",
+        "_fileno",
+        "_high_water",
+        "_lent",
+        "_loop",
+        "_low_water",
+        "_max_read",
+        "_owner",
+        "_peer",
+        "_protocol",
+        "_protocol_paused",
+        "_queue",
+        "_queued",
+        "_reading",
+        "_sending",
+        "_sock",
+        "bytes_received",
+        "bytes_sent",
+        "last_activity",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        *,
+        peer: Any,
+        max_read: int,
+        write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
+        owner: ConnectionOwner | None = None,
+    ) -> None:
+        # asyncio.BaseTransport keeps an ``_extra`` dict per transport; the extras here are
+        # computed on demand instead, which keeps an idle connection small.
+        self._extra = None  # type: ignore[assignment]
+        self._loop = loop
+        self._sock = sock
+        self._fileno = sock.fileno()
+        self._peer = peer
+        self._protocol: asyncio.BaseProtocol = protocol
+        self._max_read = max_read
+        self._owner = owner
+        self._closing = False
+        self._conn_lost = 0
+        self._eof_written = False
+        self._eof_pending = False
+        self._reading = True
+        self._protocol_paused = False
+        self._sending = 0
+        self._queue: list[bytes] | None = None
+        self._queued = 0
+        self._lent: memoryview | None = None
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.last_activity = 0.0
+        self._high_water = write_high_water
+        self._low_water = write_high_water // 4
+        self._deliver = self._choose_delivery(protocol)
+
+    # -- asyncio.Transport ------------------------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return self._peer if self._peer is not None else default
+        if name == "sockname":
+            try:
+                return self._sock.getsockname()
+            except OSError:
+                return default
+        if name == "socket":
+            return self._sock
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+        self._deliver = self._choose_delivery(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def is_reading(self) -> bool:
+        return self._reading and not self._closing
+
+    def pause_reading(self) -> None:
+        if self._closing or not self._reading:
+            return
+        self._reading = False
+        self._reading_paused()
+
+    def resume_reading(self) -> None:
+        if self._closing or self._reading:
+            return
+        self._reading = True
+        self._reading_resumed()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = 4 * low if low is not None else DEFAULT_WRITE_HIGH_WATER
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high_water, self._low_water = high, low
+        self._maybe_pause_protocol()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low_water, self._high_water
+
+    def get_write_buffer_size(self) -> int:
+        return self._sending + self._queued
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:  # type: ignore[override]
+        if self._eof_written or self._eof_pending:
+            raise RuntimeError("write_eof() already called")
+        if self._conn_lost:
+            self._conn_lost += 1
+            if self._conn_lost == 5:
+                logger.warning("socket.send() raised exception.")
+            return
+        if not data:
+            return
+        if self._sending or self._queue:
+            # SENDING or BACKED UP: queue a copy (the caller may reuse its buffer).
+            if self._queue is None:
+                self._queue = []
+            chunk = bytes(data)
+            self._queue.append(chunk)
+            self._queued += len(chunk)
+            self._maybe_pause_protocol()
+            return
+        self._start_send(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._closing or self._eof_written or self._eof_pending:
+            return
+        if self._sending or self._queue:
+            self._eof_pending = True  # sent once the write side is IDLE
+        else:
+            self._shutdown_write()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._stop_reading()
+        if not self._sending and not self._queue:
+            self._schedule_connection_lost(None)
+        # else: _send_completed() finishes the close once the write side is IDLE
+
+    def abort(self) -> None:
+        self._force_close(None)
+
+    def __repr__(self) -> str:
+        state = "closing" if self._closing else "open"
+        return f"<{type(self).__name__} fd={self._fileno} peer={self._peer!r} {state}>"
+
+    # -- for the owner and introspection ----------------------------------------------------
+
+    @property
+    def socket(self) -> socket.socket:
+        return self._sock
+
+    @property
+    def peer(self) -> Any:
+        return self._peer
+
+    @property
+    def reading_paused(self) -> bool:
+        return not self._reading
+
+    # -- what a backend implements ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Call ``connection_made`` and start reading; errors cost this connection only."""
+        raise NotImplementedError
+
+    def _reading_paused(self) -> None:
+        raise NotImplementedError
+
+    def _reading_resumed(self) -> None:
+        raise NotImplementedError
+
+    def _stop_reading(self) -> None:
+        """Stop reading for good (closing): cancel the read in flight, if any."""
+        raise NotImplementedError
+
+    def _start_send(self, data: bytes | bytearray | memoryview) -> None:
+        """The write side is IDLE: send *data* (a lent view without copying it)."""
+        raise NotImplementedError
+
+    def _cancel_all(self) -> None:
+        """Cancel every operation in flight (abort): their completions will find us closed."""
+        raise NotImplementedError
+
+    def operations(self) -> list[tuple[str, str, int, float]]:
+        """``(kind, state, nbytes, started)`` of each operation in flight, as recorded when it
+        was issued (``started`` is a ``time.monotonic()`` value)."""
+        raise NotImplementedError
+
+    # -- shared machinery -------------------------------------------------------------------
+
+    def _choose_delivery(self, protocol: asyncio.BaseProtocol) -> Any:
+        """The one callable a completed read calls with ``(view, nbytes)``."""
+        lend = getattr(protocol, "data_lent", None)
+        if lend is not None:
+            return self._deliver_lent
+        if isinstance(protocol, asyncio.BufferedProtocol):
+            return self._deliver_buffered
+        return self._deliver_bytes
+
+    def _deliver_lent(self, view: memoryview) -> None:
+        self._lent = view
+        try:
+            self._protocol.data_lent(view)  # type: ignore[attr-defined]
+        finally:
+            self._lent = None
+
+    def _deliver_buffered(self, view: memoryview) -> None:
+        protocol = self._protocol
+        assert isinstance(protocol, asyncio.BufferedProtocol)
+        offset, size = 0, len(view)
+        while offset < size:
+            buf = memoryview(protocol.get_buffer(size - offset)).cast("B")
+            if not len(buf):
+                raise RuntimeError("get_buffer() returned an empty buffer")
+            n = min(len(buf), size - offset)
+            buf[:n] = view[offset : offset + n]
+            offset += n
+            protocol.buffer_updated(n)
+
+    def _deliver_bytes(self, view: memoryview) -> None:
+        self._protocol.data_received(bytes(view))  # type: ignore[attr-defined]
+
+    def _eof_received(self) -> None:
+        """The peer half-closed: ask the protocol whether to keep the transport open."""
+        try:
+            keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+            return
+        if not keep_open:
+            self.close()
+
+    def _send_completed(self, sent: int) -> None:
+        """The send in flight finished: send what is queued, or finish a close/EOF."""
+        self.bytes_sent += sent
+        self._sending = 0
+        queue = self._queue
+        if queue:
+            data = queue[0] if len(queue) == 1 else b"".join(queue)
+            self._queue = None
+            self._queued = 0
+            self._start_send(data)
+        elif self._closing:
+            if not self._conn_lost:
+                self._schedule_connection_lost(None)
+            return
+        elif self._eof_pending:
+            self._eof_pending = False
+            self._shutdown_write()
+        if self._protocol_paused and self._sending + self._queued <= self._low_water:
+            self._protocol_paused = False
+            try:
+                self._protocol.resume_writing()
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._report("protocol.resume_writing() failed", exc)
+
+    def _maybe_pause_protocol(self) -> None:
+        if not self._protocol_paused and self._sending + self._queued > self._high_water:
+            self._protocol_paused = True
+            try:
+                self._protocol.pause_writing()
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._report("protocol.pause_writing() failed", exc)
+
+    def _shutdown_write(self) -> None:
+        self._eof_written = True
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._force_close(exc)
+
+    def _fatal_error(self, exc: BaseException, message: str) -> None:
+        """An error that ends the connection.  OS errors are the peer's doing and are the
+        owner's to count and log (quietly under a flood); anything else is a bug somewhere
+        and goes to the loop's exception handler, as asyncio's transports do."""
+        if not isinstance(exc, OSError):
+            self._report(message, exc)
+        self._force_close(exc)
+
+    def _report(self, message: str, exc: BaseException) -> None:
+        self._loop.call_exception_handler(
+            {"message": message, "exception": exc, "transport": self, "protocol": self._protocol}
+        )
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        if self._conn_lost:
+            return
+        self._closing = True
+        self._reading = False
+        self._queue = None
+        self._queued = 0
+        self._cancel_all()
+        self._schedule_connection_lost(exc)
+
+    def _schedule_connection_lost(self, exc: BaseException | None) -> None:
+        self._conn_lost += 1
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            self._protocol.connection_lost(exc)  # type: ignore[arg-type]
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as error:
+            self._report("protocol.connection_lost() failed", error)
+        finally:
+            self._cancel_all()
+            _close_socket(self._sock)
+            if self._owner is not None:
+                self._owner.transport_lost(self, exc)
+
+
+def _close_socket(sock: socket.socket) -> None:
+    """Close, flushing what the kernel still holds for a peer that is still there."""
+    if sock.fileno() == -1:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # reset by the peer, or never connected: nothing to flush
+    sock.close()

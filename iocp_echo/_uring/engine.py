@@ -1,0 +1,387 @@
+"""The completion engine on io_uring: connections driven by their completions.
+
+The OS model, for a connection.  One multishot ``RECV`` with ``IOSQE_BUFFER_SELECT`` stays
+armed for as long as the connection reads: each time data arrives the kernel picks a buffer
+from the server's provided-buffer ring (:class:`~.ring.BufferRing`), fills it and posts a CQE
+naming it (``cqe.flags >> IORING_CQE_BUFFER_SHIFT``), with ``IORING_CQE_F_MORE`` while the
+receive stays armed.  No buffer is tied to a connection until data arrives, so an idle
+connection costs the kernel one armed request and this process a few hundred bytes.  When the
+ring has no free buffer the receive ends with ``-ENOBUFS`` (the data stays in the socket) and
+is armed again once a buffer comes back.
+
+Sending tries the socket first: a non-blocking ``send()`` usually takes the whole echo, and the
+buffer goes straight back to the ring.  Only when it takes part (or nothing: ``EAGAIN``) is a
+``SEND`` submitted for the rest, from the same provided buffer, which then returns to the ring
+when that send completes.  A later write never overtakes a send in flight: it queues behind it
+(see :class:`~iocp_echo._transport.CompletionTransport`).
+
+Completions reach the connection through :meth:`~.proactor.UringProactor.submit_direct`: the
+proactor calls the handler inline from its ``select()``, with no Future and no ``call_soon``.
+A kernel without multishot receive gets a one-shot ``RECV`` with buffer selection, re-armed
+after each completion; a kernel without provided-buffer rings gets no engine at all (the
+server then uses asyncio's own transports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import time
+from typing import Any
+
+from .._transport import CompletionTransport, ConnectionOwner
+from . import abi
+from .proactor import UringProactor, _pin_for_reading
+from .ring import BufferRing
+
+__all__ = ["UringEngine", "UringTransport"]
+
+#: Provided buffers per server: reads in flight at once, across all its connections.
+BUFFER_COUNT = 1024
+#: Each buffer's size (the per-read limit is ``min(max_read, this)``).
+BUFFER_SIZE = 64 * 1024
+
+_F_MORE = abi.IORING_CQE_F_MORE
+_SHIFT = abi.IORING_CQE_BUFFER_SHIFT
+_OP_RECV = abi.IORING_OP_RECV
+_OP_SEND = abi.IORING_OP_SEND
+_BUFFER_SELECT = abi.IOSQE_BUFFER_SELECT
+_MULTISHOT = abi.IORING_RECV_MULTISHOT
+_MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+_ECANCELED = errno.ECANCELED
+_ENOBUFS = errno.ENOBUFS
+_EXCEPTIONS: dict[int, type[OSError]] = {
+    errno.ECONNRESET: ConnectionResetError,
+    errno.EPIPE: BrokenPipeError,
+    errno.ECONNABORTED: ConnectionAbortedError,
+}
+
+_next_group = 0
+
+
+def _error(code: int) -> OSError:
+    return _EXCEPTIONS.get(code, OSError)(code, os.strerror(code))
+
+
+class UringEngine:
+    """One server's completion engine: its provided-buffer ring and its connections."""
+
+    needs_sweep = False
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, max_read: int) -> None:
+        global _next_group
+        proactor = getattr(loop, "proactor", None)
+        if not isinstance(proactor, UringProactor):
+            raise OSError(errno.ENOTSUP, f"{type(loop).__name__} is not iocp_echo's io_uring loop")
+        capabilities = proactor.capabilities
+        if not capabilities.buffer_ring:
+            raise OSError(errno.ENOTSUP, "this kernel has no provided-buffer rings (Linux 5.19+)")
+        self.loop = loop
+        self.proactor = proactor
+        self.multishot = capabilities.multishot_recv
+        size = min(BUFFER_SIZE, -(-max_read // 4096) * 4096)
+        _next_group = (_next_group + 1) % 0x8000
+        self.buffers = BufferRing(
+            proactor.ring, _next_group, BUFFER_COUNT, size, length=min(max_read, size)
+        )
+        self.group = self.buffers.group_id
+        self.views = [self.buffers.view(bid) for bid in range(BUFFER_COUNT)]
+        self.recycle = self.buffers.recycle
+        self.read_size = self.buffers.buffer_length
+        self.starved: list[UringTransport] = []
+        self.transports: set[UringTransport] = set()
+
+    @property
+    def name(self) -> str:
+        mode = "multishot recv" if self.multishot else "one-shot recv"
+        return (
+            f"io_uring engine ({mode}, provided buffers, {self.proactor.capabilities.setup_mode})"
+        )
+
+    def connect(
+        self,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        *,
+        peer: Any,
+        write_high_water: int,
+        owner: ConnectionOwner | None,
+    ) -> UringTransport:
+        transport = UringTransport(
+            self,
+            sock,
+            protocol,
+            peer=peer,
+            max_read=self.read_size,
+            write_high_water=write_high_water,
+            owner=owner,
+        )
+        self.transports.add(transport)
+        return transport
+
+    def sweep(self, now: float) -> None:
+        pass  # nothing to reclaim: idle connections hold no buffer
+
+    def rearm_starved(self) -> None:
+        """A buffer came back: connections whose receive ran out of buffers read again."""
+        starved, self.starved = self.starved, []
+        for transport in starved:
+            if transport._reading and not transport._closing and not transport._recv_tag:
+                transport._arm_recv()
+
+    def close(self) -> None:
+        """Free the buffers, unless an operation may still select one (then they are kept
+        until the loop's proactor closes, which abandons or frees them safely)."""
+        if self.proactor.closing or self.buffers.closed:
+            return
+        if any(t._recv_tag or t._send_tag for t in self.transports):
+            return
+        try:
+            self.buffers.close()
+        except OSError:
+            pass  # close() abandoned them: still safe
+
+
+class UringTransport(CompletionTransport):
+    """A connection driven by its io_uring completions (see the module docstring)."""
+
+    __slots__ = (
+        "_engine",
+        "_held",
+        "_lent_bid",
+        "_recv_started",
+        "_recv_tag",
+        "_send_anchor",
+        "_send_rest",
+        "_send_started",
+        "_send_tag",
+        "_stash",
+    )
+
+    def __init__(self, engine: UringEngine, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+        super().__init__(engine.loop, sock, *args, **kwargs)
+        self._engine = engine
+        self._recv_tag = 0
+        self._recv_started = 0.0
+        self._send_tag = 0
+        self._send_started = 0.0
+        self._send_rest: Any = None
+        self._send_anchor: Any = None
+        self._held = -1  # the provided buffer a send in flight is sending from
+        self._lent_bid = -1
+        self._stash: list[tuple[int, int]] | None = None
+
+    def start(self) -> None:
+        self.last_activity = time.monotonic()
+        try:
+            self._protocol.connection_made(self)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.connection_made() call failed.")
+            return
+        if self._reading and not self._closing:
+            self._arm_recv()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _arm_recv(self) -> None:
+        engine = self._engine
+        if engine.proactor.closing:
+            return
+        try:
+            self._recv_tag = engine.proactor.submit_direct(
+                _OP_RECV,
+                self._sock,
+                self._recv_done,
+                kind="recv",
+                nbytes=engine.read_size,
+                ioprio=_MULTISHOT if engine.multishot else 0,
+                sqe_flags=_BUFFER_SELECT,
+                buf_group=engine.group,
+            )
+        except OSError as exc:
+            self._fatal_error(exc, "cannot submit a receive")
+            return
+        self._recv_started = time.monotonic()
+
+    def _recv_done(self, res: int, flags: int) -> None:
+        """A receive's CQE (one per arrival, while a multishot receive stays armed)."""
+        if not flags & _F_MORE:
+            self._recv_tag = 0
+        if res > 0:
+            bid = flags >> _SHIFT
+            self.bytes_received += res
+            self.last_activity = time.monotonic()
+            if not self._reading or self._closing:
+                if self._closing:
+                    self._engine.recycle(bid)
+                else:
+                    if self._stash is None:
+                        self._stash = []
+                    self._stash.append((bid, res))  # delivered by resume_reading()
+                return
+            self._deliver_from(bid, res)
+            if not self._recv_tag and self._reading and not self._closing:
+                self._arm_recv()
+            return
+        if res == 0:
+            if not self._closing:
+                self._eof_received()
+            return
+        if res == -_ECANCELED or self._closing:
+            return  # paused or closing
+        if res == -_ENOBUFS:
+            engine = self._engine
+            engine.starved.append(self)
+            return
+        self._fatal_error(_error(-res), "receive failed")
+
+    def _deliver_from(self, bid: int, nbytes: int) -> None:
+        engine = self._engine
+        self._lent_bid = bid
+        try:
+            self._deliver(engine.views[bid][:nbytes])
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+        finally:
+            self._lent_bid = -1
+            if self._held != bid:
+                engine.recycle(bid)
+                if engine.starved:
+                    engine.rearm_starved()
+
+    def _reading_paused(self) -> None:
+        if self._recv_tag and self._engine.proactor.cancel_direct(self._recv_tag):
+            self._recv_tag = 0
+
+    def _reading_resumed(self) -> None:
+        stash = self._stash
+        while stash and self._reading and not self._closing:
+            bid, nbytes = stash.pop(0)
+            self._deliver_from(bid, nbytes)
+        if not stash:
+            self._stash = None
+        if self._reading and not self._closing and not self._recv_tag:
+            self._arm_recv()
+
+    def _stop_reading(self) -> None:
+        stash, self._stash = self._stash, None
+        for bid, _nbytes in stash or ():
+            self._engine.recycle(bid)
+        if self._recv_tag and self._engine.proactor.cancel_direct(self._recv_tag):
+            self._recv_tag = 0
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _start_send(self, data: bytes | bytearray | memoryview) -> None:
+        """Write side IDLE: try the socket now; submit a SEND only for what it did not take."""
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._fatal_error(exc, "send failed")
+            return
+        size = len(data)
+        if sent == size:
+            self.bytes_sent += sent
+            return
+        self.bytes_sent += sent
+        if data is self._lent:
+            self._held = self._lent_bid  # the provided buffer goes with the send
+            rest: Any = data[sent:]
+        else:
+            rest = bytes(data[sent:])
+        self._submit_send(rest)
+
+    def _submit_send(self, rest: Any) -> None:
+        anchor, address, size = _pin_for_reading(rest)
+        try:
+            self._send_tag = self._engine.proactor.submit_direct(
+                _OP_SEND,
+                self._sock,
+                self._send_done,
+                kind="send",
+                nbytes=size,
+                addr=address,
+                length=size,
+                op_flags=_MSG_NOSIGNAL,
+                anchor=anchor,
+            )
+        except (OSError, RuntimeError) as exc:
+            self._release_held()
+            self._fatal_error(OSError(errno.EBADF, str(exc)), "cannot submit a send")
+            return
+        self._send_rest = rest
+        self._send_anchor = anchor
+        self._sending = size
+        self._send_started = time.monotonic()
+        self._maybe_pause_protocol()
+
+    def _send_done(self, res: int, flags: int) -> None:
+        self._send_tag = 0
+        rest, self._send_rest = self._send_rest, None
+        self._send_anchor = None
+        if res < 0:
+            self._release_held()
+            self._sending = 0
+            if not self._conn_lost:
+                self._fatal_error(_error(-res), "send failed")
+            return
+        self.last_activity = time.monotonic()
+        if res < self._sending:  # the kernel took part: send the rest from the same buffer
+            self.bytes_sent += res
+            self._sending = 0
+            if self._conn_lost:
+                self._release_held()
+                return
+            self._submit_send(rest[res:])
+            return
+        self._release_held()
+        if self._conn_lost:
+            return
+        self._send_completed(res)
+
+    def _release_held(self) -> None:
+        bid = self._held
+        if bid >= 0:
+            self._held = -1
+            engine = self._engine
+            engine.recycle(bid)
+            if engine.starved:
+                engine.rearm_starved()
+
+    def _cancel_all(self) -> None:
+        proactor = self._engine.proactor
+        if proactor.closing:
+            return  # its close() cancels everything itself
+        if self._recv_tag and proactor.cancel_direct(self._recv_tag):
+            self._recv_tag = 0
+        if self._send_tag and proactor.cancel_direct(self._send_tag):
+            self._send_tag = 0
+            self._send_rest = self._send_anchor = None
+            self._release_held()
+        stash, self._stash = self._stash, None
+        for bid, _nbytes in stash or ():
+            self._engine.recycle(bid)
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        self._engine.transports.discard(self)
+        super()._call_connection_lost(exc)
+
+    # -- introspection ----------------------------------------------------------------------
+
+    def operations(self) -> list[tuple[str, str, int, float]]:
+        ops = []
+        if self._recv_tag:
+            state = "cancelling" if self._closing or not self._reading else "pending"
+            ops.append(("recv", state, self._engine.read_size, self._recv_started))
+        if self._send_tag:
+            state = "cancelling" if self._conn_lost else "pending"
+            ops.append(("send", state, self._sending, self._send_started))
+        return ops
