@@ -6,5 +6,8 @@ from .run import main
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["run"]:
-        sys.exit("usage: python -m benchmarks run [--quick] [--repeats N] [--only NAMES]")
+        sys.exit(
+            "usage: python -m benchmarks run [--quick] [--repeats N] [--only NAMES] "
+            "[--platform wine|linux] [--modes echo,churn,idle,calls] [--out DIR]"
+        )
     sys.exit(main(sys.argv[2:]))

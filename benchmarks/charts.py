@@ -23,6 +23,7 @@ def main(folder: Path) -> None:
             continue
         points = sorted({(r["msg_size"], r["concurrency"]) for r in echo})
         names = sorted({(r["server"], r["runtime"]) for r in echo})
+        sticks = {r["server"] for r in echo if r.get("role") == "stick"}
         figure, axes = plt.subplots(figsize=(max(6, 1.2 * len(points)), 4.5))
         width = 0.8 / len(names)
         for index, (server, runtime) in enumerate(names):
@@ -39,7 +40,8 @@ def main(folder: Path) -> None:
                 [i + index * width for i in range(len(points))],
                 values,
                 width,
-                label=f"{server} ({runtime})",
+                label=f"{server} ({runtime}{', measuring stick' if server in sticks else ''})",
+                hatch="//" if server in sticks else None,
             )
         axes.set_xticks([i + 0.4 - width / 2 for i in range(len(points))])
         axes.set_xticklabels([f"{s} B\n×{c}" for s, c in points])

@@ -1,17 +1,31 @@
 """``python -m benchmarks run [--quick]``: iocp_echo and its peers, same client, same run.
 
 Every server is started, measured by the same load generator (``benchmarks/loadgen``, Go),
-and stopped; the whole server list is repeated ``--repeats`` times in alternating order and
-each figure is the median of its repeats.  Server and client are pinned to different cores
-(the machine has two), so the client never steals the server's CPU.
+and stopped.  Server and client are pinned to different cores (the machine has two), so the
+client never steals the server's CPU.
 
 Under Wine (Windows CPython 3.13): iocp_echo, the stock ProactorEventLoop with a Protocol echo,
 asyncio streams, winloop, and Go's net echo built for Windows.  Natively on Linux: the stock
 selector loop with the same Protocol, uvloop, Go's native echo, and iocp_echo on its io_uring
-backend.
+backend.  Beside them, when ``../shared/reference/ceilings/`` exists, two *measuring sticks*:
+bare completion loops in pure Python with no asyncio (``raw_iocp_echo.py`` under Wine,
+``raw_uring_echo.py`` natively), run from where they are, never copied here.  They show what
+pure Python can reach on each platform; they are not peers.
 
-Writes ``benchmarks/results/latest.json``, ``latest.md`` and, with matplotlib, PNG charts
-(``--quick`` writes them under ``benchmarks/results/quick/``, leaving the committed full results).
+The run is a number of alternated *rounds* (the server list forwards, then backwards, ...):
+
+* the first round measures everything: every echo point, churn, memory per idle connection
+  (on a fresh server each), and Python calls per echo (``servers/callcount.py``);
+* every later round re-measures only the headline echo points and churn, so that those are
+  medians of ``repeats`` runs while the rest of the grid costs one run.
+
+Each throughput session starts with a throwaway session (connect, echo, disconnect): a
+freshly started stock asyncio server serves its very first connections about 3x slower for
+as long as they live, so every server, ours included, gets the same throwaway first.
+
+Writes ``benchmarks/results/latest.json``, ``latest.md``, ``machine.json`` and, with
+matplotlib, PNG charts (``--quick`` writes under ``benchmarks/results/quick/``, ``--out DIR``
+anywhere: both leave the committed full results alone).
 """
 
 from __future__ import annotations
@@ -21,14 +35,17 @@ import dataclasses
 import json
 import os
 import platform
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from . import report, stats
 
@@ -41,7 +58,16 @@ BIN = CACHE / "bin"
 WINE_SITE = CACHE / "wine-site313"
 VENV = ROOT / ".cache" / "venv" / "bench"
 RESULTS = Path(__file__).resolve().parent / "results"
+#: The measuring sticks live outside the repository, next to the checkout.
+CEILINGS = ROOT.parent / "shared" / "reference" / "ceilings"
+CALLCOUNT = "benchmarks/servers/callcount.py"
 SERVER_CPU, CLIENT_CPU = {1}, {0}
+ALL_MODES = frozenset({"echo", "churn", "idle", "calls"})
+#: How long to let a server finish what it was doing before a profiling window opens or
+#: closes (the last echoes' send completions, a settling accept queue).
+SETTLE = 0.3
+#: The throwaway first session: this many 1 KiB connections for ``Plan.throwaway`` seconds.
+THROWAWAY_CONNS = 20
 NUMERIC = (
     "rps",
     "mib_s",
@@ -54,6 +80,8 @@ NUMERIC = (
     "failures",
 )
 
+Point = tuple[int, int]  # (message size, connections)
+
 
 @dataclasses.dataclass(frozen=True)
 class Server:
@@ -61,17 +89,32 @@ class Server:
     runtime: str
     platform: str  # "wine" or "linux": servers are compared within one platform only
     command: tuple[str, ...]  # "{port}" is replaced; see _argv for how each kind starts
+    role: str = "peer"  # "ours", "peer" or "stick" (a measuring stick, not a peer)
+    modes: frozenset[str] = ALL_MODES
+    #: The echo points it serves (None: all of the plan's).
+    points: frozenset[Point] | None = None
+    #: False for the sticks, which have no shutdown: they are killed.
+    graceful: bool = True
+
+    @property
+    def python(self) -> bool:
+        """Python code whose calls per echo ``servers/callcount.py`` can count."""
+        return self.command[0] in ("py", "native-py")
 
 
-def servers() -> list[Server]:
+def servers(ceilings: Path = CEILINGS) -> list[Server]:
     site = winpy.to_windows_path(WINE_SITE)
     asyncio_echo = "benchmarks/servers/asyncio_echo.py"
-    return [
+    no_calls = ALL_MODES - {"calls"}
+    # iocp_echo logs at INFO so that its start-up lines (which engine it runs) are captured;
+    # it logs nothing at INFO per connection or per request.
+    listed = [
         Server(
             "iocp_echo",
             "wine-3.13",
             "wine",
-            ("py", "examples/echo.py", "--port", "{port}", "--log-level", "ERROR"),
+            ("py", "examples/echo.py", "--port", "{port}", "--log-level", "INFO"),
+            role="ours",
         ),
         Server(
             "asyncio-proactor-protocol",
@@ -92,13 +135,18 @@ def servers() -> list[Server]:
             ("py", asyncio_echo, "--port", "{port}", "--loop", "winloop", "--site", site),
         ),
         Server(
-            "go", "wine-go", "wine", ("exe", str(BIN / "goecho.exe"), "-addr", "127.0.0.1:{port}")
+            "go",
+            "wine-go",
+            "wine",
+            ("exe", str(BIN / "goecho.exe"), "-addr", "127.0.0.1:{port}"),
+            modes=no_calls,
         ),
         Server(
             "iocp_echo",
             "linux-3.13",
             "linux",
-            ("native-py", "examples/echo.py", "--port", "{port}", "--log-level", "ERROR"),
+            ("native-py", "examples/echo.py", "--port", "{port}", "--log-level", "INFO"),
+            role="ours",
         ),
         Server(
             "asyncio-selector-protocol",
@@ -113,16 +161,75 @@ def servers() -> list[Server]:
             ("native-py", asyncio_echo, "--port", "{port}", "--loop", "uvloop"),
         ),
         Server(
-            "go", "linux-go", "linux", ("native", str(BIN / "goecho"), "-addr", "127.0.0.1:{port}")
+            "go",
+            "linux-go",
+            "linux",
+            ("native", str(BIN / "goecho"), "-addr", "127.0.0.1:{port}"),
+            modes=no_calls,
         ),
     ]
+    return listed + sticks(ceilings)
+
+
+#: The points the bare loops are asked to serve: the headline 1 KiB points and 64 KiB x 20.
+STICK_POINTS = frozenset({(1024, 20), (1024, 1000), (65536, 20)})
+
+
+def sticks(ceilings: Path) -> list[Server]:
+    """The measuring sticks found in *ceilings* (none when it is absent)."""
+    found = []
+    uring, iocp = ceilings / "raw_uring_echo.py", ceilings / "raw_iocp_echo.py"
+    if iocp.is_file():
+        found.append(
+            Server(
+                "raw_iocp_echo",
+                "wine-3.13",
+                "wine",
+                ("py", winpy.to_windows_path(iocp), "{port}"),
+                role="stick",
+                modes=frozenset({"echo", "calls"}),
+                points=STICK_POINTS,
+                graceful=False,
+            )
+        )
+    if uring.is_file():
+        found.append(
+            Server(
+                "raw_uring_echo",
+                "linux-3.13",
+                "linux",
+                ("native-py", str(uring), "{port}"),
+                role="stick",
+                modes=frozenset({"echo", "calls"}),
+                points=STICK_POINTS,
+                graceful=False,
+            )
+        )
+    return found
+
+
+def ceilings_note(ceilings: Path = CEILINGS) -> str:
+    """One line for the report on where the measuring sticks came from, or why they are
+    missing."""
+    names = [
+        name for name in ("raw_iocp_echo.py", "raw_uring_echo.py") if (ceilings / name).exists()
+    ]
+    if len(names) == 2:
+        return f"Measuring sticks run from {ceilings}."
+    if not ceilings.is_dir():
+        return f"Measuring sticks not measured: {ceilings} is absent on this machine."
+    return f"Measuring sticks: only {', '.join(names) or 'none'} found in {ceilings}."
 
 
 # -- provisioning ------------------------------------------------------------------------
 
 
+_STARTED = time.monotonic()
+
+
 def say(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
+    minutes, seconds = divmod(int(time.monotonic() - _STARTED), 60)
+    print(f"bench: [{minutes:2d}:{seconds:02d}] {message}", file=sys.stderr, flush=True)
 
 
 def provision() -> None:
@@ -143,12 +250,14 @@ def provision() -> None:
         ("servers/goecho", "goecho.exe", "windows"),
     ):
         out = BIN / target
-        if not out.exists():
+        folder = Path(__file__).parent / source
+        newest = max(path.stat().st_mtime for path in folder.iterdir())
+        if not out.exists() or out.stat().st_mtime < newest:
             say(f"building {target}")
             subprocess.run(
                 ["go", "build", "-o", str(out), "."],
                 check=True,
-                cwd=Path(__file__).parent / source,
+                cwd=folder,
                 env=dict(go_env, GOOS=goos),
             )
     winpy.provision("3.13")
@@ -169,15 +278,28 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _pin(cpus: set[int]) -> Any:
-    def pin() -> None:
+def _prepare(cpus: set[int]) -> Callable[[], None]:
+    """In the child: pin to *cpus*, and allow as many descriptors as the hard limit (10,000
+    idle connections need more than a common soft limit of 1,024)."""
+
+    def prepare() -> None:
+        import resource  # Unix only; this module is imported by tests on Windows too
+
         os.sched_setaffinity(0, cpus)
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    return pin
+    return prepare
 
 
-def _argv(server: Server, port: int) -> tuple[list[str], dict[str, str] | None]:
+def _argv(
+    server: Server, port: int, control_port: int | None = None
+) -> tuple[list[str], dict[str, str] | None]:
     kind, *rest = [part.replace("{port}", str(port)) for part in server.command]
+    if control_port is not None:
+        if kind not in ("py", "native-py"):
+            raise ValueError(f"{server.name} is not Python: its calls cannot be counted")
+        rest = [CALLCOUNT, "--control-port", str(control_port), *rest]
     if kind == "py":
         return [sys.executable, str(ROOT / "tools" / "winpy.py"), "--python", "3.13", *rest], None
     if kind == "exe":
@@ -220,45 +342,115 @@ def _rss_kib(pid: int) -> int:
     return total
 
 
+class Lines:
+    """A child's output read on a thread: the first *keep* lines kept, every line counted,
+    and (with *follow*) each line handed to :meth:`next`.  Draining the pipe matters: a
+    server that logs more than a pipe holds would otherwise block."""
+
+    def __init__(self, stream: IO[bytes], keep: int = 0, follow: bool = False) -> None:
+        self.head: list[str] = []
+        self.count = 0
+        self._keep, self._follow = keep, follow
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.count += 1
+            if len(self.head) < self._keep:
+                self.head.append(line[:200])
+            if self._follow:
+                self._queue.put(line)
+        self._queue.put(None)
+
+    def next(self, timeout: float) -> str | None:
+        """The next line (None at end of output); TimeoutError after *timeout* seconds."""
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no output for {timeout} s") from None
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
 class Running:
-    def __init__(self, server: Server) -> None:
+    """A started server, listening and answering; ``control_port`` wraps it in callcount.py."""
+
+    def __init__(self, server: Server, control_port: int | None = None) -> None:
         self.server = server
         self.port = _free_port()
-        argv, env = _argv(server, self.port)
+        argv, env = _argv(server, self.port, control_port)
         self.process = subprocess.Popen(
             argv,
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_pin(SERVER_CPU),
+            stderr=subprocess.PIPE,
+            preexec_fn=_prepare(SERVER_CPU),
         )
+        assert self.process.stdout is not None and self.process.stderr is not None
+        self.stdout = Lines(self.process.stdout, keep=5)
+        self.stderr = Lines(self.process.stderr, keep=5)
         deadline = time.monotonic() + 60
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{server.name} exited with {self.process.returncode}")
+                self.stderr.join(5)
+                raise RuntimeError(
+                    f"{server.name} exited with {self.process.returncode}: "
+                    + " / ".join(self.stderr.head)
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=5) as probe:
                     probe.sendall(b"x")
                     if probe.recv(1) == b"x":
                         break
-            except OSError:
+            except OSError as exc:
                 if time.monotonic() > deadline:
-                    raise
+                    self._kill()
+                    self.stderr.join(5)
+                    raise RuntimeError(
+                        f"{server.name} did not answer within 60 s ({exc}): "
+                        + " / ".join(self.stderr.head)
+                    ) from None
                 time.sleep(0.1)
 
+    def log(self) -> dict[str, Any]:
+        """The server's first output lines so far (stdout, then stderr; callcount.py's own
+        line left out) and how many it wrote.  Taken before stopping it, so that what it
+        prints when interrupted is not mistaken for start-up lines."""
+        head = [
+            line
+            for line in self.stdout.head + self.stderr.head
+            if not line.startswith("callcount: ")
+        ]
+        return {
+            "server_log": head,
+            "server_log_lines": self.stdout.count + self.stderr.count,
+        }
+
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            for pid in reversed(_descendants(self.process.pid)):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            self.process.wait(15)
+        if self.server.graceful:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self._kill()
+        else:
+            self._kill()
+        self.stdout.join(5)
+        self.stderr.join(5)
+
+    def _kill(self) -> None:
+        for pid in reversed(_descendants(self.process.pid)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.process.wait(15)
 
 
 def loadgen(port: int, *args: str) -> dict[str, Any]:
@@ -267,44 +459,172 @@ def loadgen(port: int, *args: str) -> dict[str, Any]:
         capture_output=True,
         text=True,
         timeout=600,
-        preexec_fn=_pin(CLIENT_CPU),
+        preexec_fn=_prepare(CLIENT_CPU),
         check=True,
     )
     raw: dict[str, Any] = json.loads(result.stdout)
     return raw
 
 
-def measure_idle(running: Running, count: int) -> dict[str, Any]:
-    before = _rss_kib(running.process.pid)
-    process = subprocess.Popen(
-        [
-            str(BIN / "loadgen"),
-            "-addr",
-            f"127.0.0.1:{running.port}",
-            "-mode",
-            "idle",
-            "-conns",
-            str(count),
-        ],
+def _loadgen_process(port: int, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [str(BIN / "loadgen"), "-addr", f"127.0.0.1:{port}", *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_pin(CLIENT_CPU),
+        preexec_fn=_prepare(CLIENT_CPU),
     )
-    assert process.stderr is not None and process.stdin is not None
-    ready = process.stderr.readline()
-    opened = int(ready.split()[1]) if ready.startswith("READY") else 0
-    time.sleep(1.0)  # let the server settle its buffers after the last echo
-    after = _rss_kib(running.process.pid)
-    process.stdin.close()
-    process.wait(120)
+
+
+def _finish(process: subprocess.Popen[bytes], timeout: float = 300) -> None:
+    """Let a held load generator go (its stdin closes) and wait; kill it if it hangs."""
+    assert process.stdin is not None
+    try:
+        process.stdin.close()
+        process.wait(timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        process.kill()
+        process.wait(15)
+
+
+def _ready_count(line: str | None) -> int:
+    """The N of the load generator's ``READY N`` line (0 for anything else)."""
+    if line is None or not line.startswith("READY"):
+        return 0
+    return int(line.split()[1])
+
+
+def throwaway(running: Running, plan: Plan) -> None:
+    """The same first session for every server: connect, echo, disconnect."""
+    raw = loadgen(
+        running.port,
+        "-mode",
+        "echo",
+        "-conns",
+        str(THROWAWAY_CONNS),
+        "-size",
+        "1024",
+        "-duration",
+        str(plan.throwaway),
+        "-warmup",
+        "0",
+    )
+    if raw["failures"]:
+        say(f"{running.server.name}: {raw['failures']} failure(s) in the throwaway session")
+
+
+def measure_echo(running: Running, plan: Plan, size: int, conns: int) -> dict[str, Any]:
+    raw = loadgen(
+        running.port,
+        "-mode",
+        "echo",
+        "-conns",
+        str(conns),
+        "-size",
+        str(size),
+        "-duration",
+        str(plan.duration),
+        "-warmup",
+        str(plan.warmup),
+    )
+    return {"mode": "echo", "msg_size": size, "concurrency": conns, **stats.summarize(raw)}
+
+
+def measure_churn(running: Running, plan: Plan) -> dict[str, Any]:
+    raw = loadgen(
+        running.port,
+        "-mode",
+        "churn",
+        "-conns",
+        str(plan.churn_workers),
+        "-size",
+        "64",
+        "-duration",
+        str(plan.duration),
+        "-warmup",
+        str(plan.warmup),
+    )
+    return {
+        "mode": "churn",
+        "msg_size": 64,
+        "concurrency": plan.churn_workers,
+        **stats.summarize(raw),
+    }
+
+
+def measure_idle(running: Running, count: int) -> dict[str, Any]:
+    """Resident memory per idle connection over the fresh server's own baseline."""
+    time.sleep(SETTLE)  # let the server finish starting before taking its baseline
+    before = _rss_kib(running.process.pid)
+    process = _loadgen_process(running.port, "-mode", "idle", "-conns", str(count))
+    assert process.stderr is not None
+    try:
+        opened = _ready_count(Lines(process.stderr, follow=True).next(timeout=600))
+        time.sleep(1.0)  # let the server settle its buffers after the last echo
+        after = _rss_kib(running.process.pid)
+    finally:
+        _finish(process)
     return {
         "mode": "idle",
         "concurrency": count,
         "msg_size": 1,
         "rss_kib_per_conn": (after - before) / opened if opened else None,
+        "rss_base_kib": before,
+        "rss_kib": after,
         "failures": count - opened,
+    }
+
+
+def measure_calls(running: Running, control_port: int, plan: Plan) -> dict[str, Any]:
+    """Python calls per echo: a profiling window around exactly ``calls_conns`` x
+    ``calls_requests`` echoes of 1 KiB, after the throughput runs' warm-up."""
+    conns, per = plan.calls_conns, plan.calls_requests
+    process = _loadgen_process(
+        running.port,
+        "-mode",
+        "count",
+        "-conns",
+        str(conns),
+        "-size",
+        "1024",
+        "-requests",
+        str(per),
+        "-warmup",
+        str(plan.warmup),
+    )
+    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    try:
+        opened = _ready_count(Lines(process.stderr, follow=True).next(timeout=300))
+        result = Lines(process.stdout, follow=True)
+        time.sleep(SETTLE)  # the warm-up's last send completions, outside the window
+        control = socket.create_connection(("127.0.0.1", control_port), timeout=60)
+        with control, control.makefile("rwb", buffering=0) as stream:
+            stream.write(b"start\n")
+            if stream.readline().strip() != b"started":
+                raise RuntimeError(f"{running.server.name}: callcount did not start")
+            process.stdin.write(b"go\n")
+            process.stdin.flush()
+            line = result.next(timeout=600)
+            if line is None:
+                raise RuntimeError(f"{running.server.name}: the load generator gave no result")
+            raw = json.loads(line)
+            time.sleep(SETTLE)  # the last echoes' send completions, inside the window
+            stream.write(b"stop\n")
+            window = json.loads(stream.readline())
+        if "error" in window:
+            raise RuntimeError(f"{running.server.name}: callcount: {window['error']}")
+    finally:
+        _finish(process)
+    echoes = int(raw["requests"])
+    return {
+        "mode": "calls",
+        "msg_size": 1024,
+        "concurrency": conns,
+        **stats.calls_per_echo(window, echoes),
+        "failures": raw["failures"],
+        "connections": opened,
+        "profiled_rps": echoes / raw["elapsed"] if raw["elapsed"] else None,
+        "profile_method": window["method"],
     }
 
 
@@ -315,123 +635,129 @@ def measure_idle(running: Running, count: int) -> dict[str, Any]:
 class Plan:
     sizes: list[int]
     concurrencies: list[int]
+    #: Points measured in every round (the others only in the first).
+    headline: list[Point]
     duration: float
     warmup: float
+    #: Rounds, alternating the server order: headline points and churn are medians of this
+    #: many runs.
     repeats: int
     churn_workers: int
-    idle_counts: list[int]
+    #: Connections held for the idle-memory measurement, per platform.
+    idle_counts: dict[str, list[int]]
+    calls_conns: int
+    calls_requests: int  # per connection
+    throwaway: float  # seconds of the throwaway first session
 
 
-QUICK = Plan([1024], [20], 2.0, 0.5, 1, 20, [1000])
-FULL = Plan([64, 1024, 16384, 65536], [1, 20, 100, 1000], 2.5, 0.5, 3, 20, [1000, 5000])
+QUICK = Plan(
+    sizes=[1024],
+    concurrencies=[20],
+    headline=[(1024, 20)],
+    duration=2.0,
+    warmup=0.5,
+    repeats=1,
+    churn_workers=20,
+    idle_counts={"wine": [1000], "linux": [1000]},
+    calls_conns=20,
+    calls_requests=100,
+    throwaway=1.0,
+)
+FULL = Plan(
+    sizes=[64, 1024, 16384, 65536],
+    concurrencies=[1, 20, 100, 1000],
+    headline=[(1024, 20), (1024, 1000)],
+    duration=2.5,
+    warmup=0.5,
+    repeats=3,
+    churn_workers=20,
+    idle_counts={"wine": [5000], "linux": [10000]},
+    calls_conns=20,
+    calls_requests=500,
+    throwaway=1.0,
+)
 
 
-def run_server(server: Server, plan: Plan, modes: set[str]) -> list[dict[str, Any]]:
-    records = []
-    base = {"server": server.name, "runtime": server.runtime, "platform": server.platform}
-    for count in plan.idle_counts if "idle" in modes else []:
+def echo_points(server: Server, plan: Plan, first_round: bool) -> list[Point]:
+    """The echo points *server* is measured at in a round, in the plan's order."""
+    grid = [(size, conns) for size in plan.sizes for conns in plan.concurrencies]
+    chosen = grid if first_round else [point for point in grid if point in plan.headline]
+    return [p for p in chosen if server.points is None or p in server.points]
+
+
+def _line(server: Server, what: str) -> str:
+    return f"{server.name:<27} {server.runtime:<10} {what}"
+
+
+def run_server(
+    server: Server, plan: Plan, modes: Iterable[str], first_round: bool
+) -> list[dict[str, Any]]:
+    """One server's share of one round."""
+    modes = set(modes) & server.modes
+    records: list[dict[str, Any]] = []
+    base = {
+        "server": server.name,
+        "runtime": server.runtime,
+        "platform": server.platform,
+        "role": server.role,
+    }
+    idle_counts = plan.idle_counts.get(server.platform, []) if "idle" in modes else []
+    for count in idle_counts if first_round else []:
         # A fresh server each time: one that already served a load would reuse freed memory
         # for the idle connections, and the measured growth would read as zero.
         running = Running(server)
         try:
-            record = {**base, **measure_idle(running, count)}
+            record = base | measure_idle(running, count) | running.log()
         finally:
             running.stop()
-        say(
-            f"{server.name:<27} {server.runtime:<10} idle {count}: "
-            f"{record['rss_kib_per_conn']} KiB/conn"
-        )
         records.append(record)
-    if not modes & {"echo", "churn"}:
+        say(_line(server, f"idle {count}: {record['rss_kib_per_conn']} KiB/conn"))
+    if first_round and "calls" in modes and server.python:
+        control_port = _free_port()
+        running = Running(server, control_port)
+        try:
+            throwaway(running, plan)
+            record = base | measure_calls(running, control_port, plan) | running.log()
+        finally:
+            running.stop()
+        records.append(record)
+        say(
+            _line(
+                server,
+                f"calls per echo: {record['py_calls_per_echo']:.1f} Python + "
+                f"{record['c_calls_per_echo']:.1f} C ({record['echoes']} echoes)",
+            )
+        )
+    points = echo_points(server, plan, first_round) if "echo" in modes else []
+    if not points and "churn" not in modes:
         return records
     running = Running(server)
+    session: list[dict[str, Any]] = []
+    log: dict[str, Any] = {}
     try:
-        for size in plan.sizes if "echo" in modes else []:
-            for conns in plan.concurrencies:
-                raw = loadgen(
-                    running.port,
-                    "-mode",
-                    "echo",
-                    "-conns",
-                    str(conns),
-                    "-size",
-                    str(size),
-                    "-duration",
-                    str(plan.duration),
-                    "-warmup",
-                    str(plan.warmup),
+        throwaway(running, plan)
+        for size, conns in points:
+            record = base | measure_echo(running, plan, size, conns)
+            say(
+                _line(
+                    server,
+                    f"echo {size:>6} B x {conns:>4}: {record['rps']:>9.0f} req/s "
+                    f"p99 {record['p99_us']} us (client {record['client_cpu']:.2f} cores)",
                 )
-                record = {
-                    **base,
-                    "mode": "echo",
-                    "msg_size": size,
-                    "concurrency": conns,
-                    **stats.summarize(raw),
-                    "rss_kib_per_conn": None,
-                }
-                say(
-                    f"{server.name:<27} {server.runtime:<10} echo {size:>6} B x {conns:>4}: "
-                    f"{record['rps']:>9.0f} req/s p99 {record['p99_us']} us "
-                    f"(client {record['client_cpu']:.2f} cores)"
-                )
-                records.append(record)
-        if "churn" not in modes:
-            return records
-        raw = loadgen(
-            running.port,
-            "-mode",
-            "churn",
-            "-conns",
-            str(plan.churn_workers),
-            "-size",
-            "64",
-            "-duration",
-            str(plan.duration),
-            "-warmup",
-            str(plan.warmup),
-        )
-        record = {
-            **base,
-            "mode": "churn",
-            "msg_size": 64,
-            "concurrency": plan.churn_workers,
-            **stats.summarize(raw),
-            "rss_kib_per_conn": None,
-        }
-        say(f"{server.name:<27} {server.runtime:<10} churn: {record['rps']:.0f} conn/s")
-        records.append(record)
+            )
+            session.append(record)
+        if "churn" in modes:
+            record = base | measure_churn(running, plan)
+            say(_line(server, f"churn: {record['rps']:.0f} conn/s"))
+            session.append(record)
+        log = running.log()
     finally:
         running.stop()
-    return records
+    return records + [record | log for record in session]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks run")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: under 3 minutes")
-    parser.add_argument("--repeats", type=int, help="override the number of repeats")
-    parser.add_argument("--only", help="comma-separated server names")
-    parser.add_argument(
-        "--modes",
-        default="echo,churn,idle",
-        help="comma-separated modes to run (default: all); with fewer than all, the new "
-        "records replace those of the same modes in results/latest.json",
-    )
-    options = parser.parse_args(argv)
-    plan = dataclasses.replace(QUICK if options.quick else FULL)
-    if options.repeats:
-        plan.repeats = options.repeats
-    provision()
-    subprocess.run(
-        [str(winpy.WINESERVER), "-k"], env=winpy.wine_environment(), capture_output=True
-    )  # restart it pinned with the servers
-    chosen = [s for s in servers() if not options.only or s.name in options.only.split(",")]
-    modes = set(options.modes.split(","))
-    started = time.monotonic()
-    raw_records: list[dict[str, Any]] = []
-    for repeat in range(plan.repeats):
-        order = chosen if repeat % 2 == 0 else list(reversed(chosen))
-        for server in order:
-            raw_records.extend(run_server(server, plan, modes))
+def merge_repeats(raw_records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per server x runtime x mode x size x connections: the median of its runs."""
     grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for record in raw_records:
         key = (
@@ -442,12 +768,81 @@ def main(argv: list[str] | None = None) -> int:
             record["concurrency"],
         )
         grouped.setdefault(key, []).append(record)
-    records = [stats.median_record(group, NUMERIC) for group in grouped.values()]
+    return [stats.median_record(group, NUMERIC) for group in grouped.values()]
+
+
+def keep_unmeasured(
+    kept: list[dict[str, Any]], chosen: list[Server], modes: set[str]
+) -> list[dict[str, Any]]:
+    """The records of an earlier run that a partial run (fewer servers or modes) did not
+    re-measure."""
+    covered = {(s.name, s.runtime, mode) for s in chosen for mode in modes & s.modes}
+    return [r for r in kept if (r["server"], r["runtime"], r["mode"]) not in covered]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks run")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: about 4 minutes")
+    parser.add_argument("--repeats", type=int, help="override the number of rounds")
+    parser.add_argument(
+        "--only",
+        help="comma-separated server names (iocp_echo, asyncio-proactor-protocol, ..., "
+        "raw_iocp_echo, raw_uring_echo)",
+    )
+    parser.add_argument("--platform", choices=["wine", "linux"], help="one platform only")
+    parser.add_argument(
+        "--modes",
+        default=",".join(sorted(ALL_MODES)),
+        help="comma-separated modes to run: echo, churn, idle, calls (default: all); a "
+        "partial run (fewer modes, --only or --platform) replaces only the records it "
+        "re-measures in the results folder",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results folder (default: benchmarks/results, or results/quick with --quick)",
+    )
+    options = parser.parse_args(argv)
+    plan = dataclasses.replace(QUICK if options.quick else FULL)
+    if options.repeats:
+        plan.repeats = options.repeats
+    modes = set(options.modes.split(","))
+    if modes - ALL_MODES:
+        parser.error(f"unknown mode(s): {', '.join(sorted(modes - ALL_MODES))}")
+    provision()
+    subprocess.run(
+        [str(winpy.WINESERVER), "-k"], env=winpy.wine_environment(), capture_output=True
+    )  # restart it pinned with the servers
+    names = set(options.only.split(",")) if options.only else None
+    chosen = [
+        s
+        for s in servers()
+        if (names is None or s.name in names)
+        and (options.platform is None or s.platform == options.platform)
+    ]
+    if not chosen:
+        parser.error("no server matches --only/--platform")
+    partial = modes != ALL_MODES or names is not None or options.platform is not None
+    started = time.monotonic()
+    run_id = time.strftime("%Y-%m-%d %H:%M")
+    raw_records: list[dict[str, Any]] = []
+    errors: list[str] = []
+    for repeat in range(plan.repeats):
+        order = chosen if repeat % 2 == 0 else list(reversed(chosen))
+        for server in order:
+            try:
+                raw_records.extend(run_server(server, plan, modes, first_round=repeat == 0))
+            except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+                # One server that fails must not cost the whole run: the report lists it.
+                error = f"{server.name} ({server.runtime}), round {repeat + 1}: {exc}"
+                say(f"FAILED {error}")
+                errors.append(error)
+    records = [r | {"run": run_id} for r in merge_repeats(raw_records)]
     # A smoke run must not overwrite the committed results of a full one.
-    results = RESULTS / "quick" if options.quick else RESULTS
-    if modes != {"echo", "churn", "idle"} and (results / "latest.json").exists():
+    results = options.out or (RESULTS / "quick" if options.quick else RESULTS)
+    if partial and (results / "latest.json").exists():
         kept = json.loads((results / "latest.json").read_text())
-        records = [r for r in kept if r["mode"] not in modes] + records
+        records = keep_unmeasured(kept, chosen, modes) + records
     machine = {
         "cpus": os.cpu_count(),
         "cpu": report.cpu_model(),
@@ -456,11 +851,17 @@ def main(argv: list[str] | None = None) -> int:
         "linux_python": report.venv_python_version(VENV),
         "plan": dataclasses.asdict(plan),
         "quick": options.quick,
+        "ceilings": ceilings_note(),
         "minutes": round((time.monotonic() - started) / 60, 1),
         "date": time.strftime("%Y-%m-%d"),
+        "run": run_id,
+        "errors": errors,
     }
-    if modes != {"echo", "churn", "idle"} and (results / "machine.json").exists():
-        rerun = {k: machine[k] for k in ("minutes", "date")} | {"modes": sorted(modes)}
+    if partial and (results / "machine.json").exists():
+        rerun = {k: machine[k] for k in ("minutes", "date", "run", "errors")} | {
+            "modes": sorted(modes),
+            "servers": sorted({f"{s.name} ({s.runtime})" for s in chosen}),
+        }
         machine = json.loads((results / "machine.json").read_text()) | {"rerun": rerun}
     results.mkdir(parents=True, exist_ok=True)
     (results / "latest.json").write_text(json.dumps(records, indent=1) + "\n")

@@ -65,3 +65,30 @@ def ratio(ours: float | None, theirs: float | None) -> float | None:
     if not ours or not theirs:
         return None
     return ours / theirs
+
+
+def calls_per_echo(window: dict[str, Any], echoes: int, top: int = 12) -> dict[str, Any]:
+    """Per-echo figures from one profiling window (``servers/callcount.py``'s answer to
+    ``stop``) that held exactly *echoes* echoed requests.
+
+    ``loop_iterations_per_echo`` counts calls of functions named ``_run_once`` (asyncio's
+    loop iteration): None where the loop iterates in C (uvloop, winloop) or has no such
+    function (the bare measuring sticks).  ``top_python`` and ``top_c`` name the most
+    called functions with their calls per echo.
+    """
+    if echoes <= 0:
+        raise ValueError(f"a window needs at least one echo, got {echoes}")
+    python = window["python"]  # [qualified name, file, first line, calls], most called first
+    iterations = sum(n for name, _, _, n in python if name.rsplit(".", 1)[-1] == "_run_once")
+    return {
+        "py_calls_per_echo": window["python_calls"] / echoes,
+        "c_calls_per_echo": window["c_calls"] / echoes,
+        "calls_per_echo": (window["python_calls"] + window["c_calls"]) / echoes,
+        "loop_iterations_per_echo": iterations / echoes if iterations else None,
+        "echoes": echoes,
+        "top_python": [
+            [f"{name} ({file}:{line})", round(n / echoes, 3)]
+            for name, file, line, n in python[:top]
+        ],
+        "top_c": [[name, round(n / echoes, 3)] for name, n in window["builtin"][:top]],
+    }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -59,3 +61,29 @@ def test_median_of_repeats_and_ratios() -> None:
     assert merged["rps"] == 2.0 and merged["p99_us"] == 6 and merged["repeats"] == 3
     assert stats.ratio(3.0, 2.0) == 1.5
     assert stats.ratio(None, 2.0) is None
+
+
+def test_calls_per_echo_from_a_profiling_window() -> None:
+    window: dict[str, Any] = {
+        "python_calls": 2400,
+        "c_calls": 1800,
+        "python": [
+            ["EchoProtocol.data_received", "echo.py", 14, 200],
+            ["Handle._run", "events.py", 87, 150],
+            ["BaseEventLoop._run_once", "base_events.py", 1922, 50],
+        ],
+        "builtin": [["socket.send", 200], ["builtins.len", 100]],
+    }
+    per = stats.calls_per_echo(window, 200, top=2)
+    assert per["py_calls_per_echo"] == 12 and per["c_calls_per_echo"] == 9
+    assert per["calls_per_echo"] == 21 and per["echoes"] == 200
+    assert per["loop_iterations_per_echo"] == 0.25  # counted beyond the top entries too
+    assert per["top_python"] == [
+        ["EchoProtocol.data_received (echo.py:14)", 1.0],
+        ["Handle._run (events.py:87)", 0.75],
+    ]
+    assert per["top_c"] == [["socket.send", 1.0], ["builtins.len", 0.5]]
+    no_loop = stats.calls_per_echo(window | {"python": window["python"][:1]}, 200)
+    assert no_loop["loop_iterations_per_echo"] is None  # a loop in C, or a bare loop
+    with pytest.raises(ValueError, match="at least one echo"):
+        stats.calls_per_echo(window, 0)
