@@ -11,6 +11,7 @@ import asyncio
 import socket
 import sys
 from asyncio import proactor_events
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple, Protocol, cast
 
@@ -47,6 +48,9 @@ class Engine(Protocol):
     #: Whether the server's sweep must call :meth:`sweep` (to reclaim buffers from quiet
     #: connections) even without an idle timeout.
     needs_sweep: bool
+    #: Whether the engine accepts itself (:meth:`start_accepting`); else the server runs its
+    #: own accept loop with :meth:`Backend.accept`.
+    accepts: bool
 
     def connect(
         self,
@@ -59,6 +63,15 @@ class Engine(Protocol):
     ) -> CompletionTransport: ...
 
     def sweep(self, now: float) -> None: ...
+
+    def start_accepting(
+        self,
+        listener: socket.socket,
+        admit: Callable[[socket.socket, Any], None],
+        failed: Callable[[OSError], float],
+    ) -> None: ...
+
+    def stop_accepting(self) -> None: ...
 
     def close(self) -> None: ...
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["DEFAULT_WRITE_HIGH_WATER", "CompletionTransport", "LendingProtocol"]
@@ -67,6 +68,8 @@ class CompletionTransport(asyncio.Transport):
         "_eof_written",
         "_fileno",
         "_high_water",
+        "_last_traffic",
+        "_lend",
         "_lent",
         "_loop",
         "_low_water",
@@ -99,6 +102,13 @@ class CompletionTransport(asyncio.Transport):
         # asyncio.BaseTransport keeps an ``_extra`` dict per transport; the extras here are
         # computed on demand instead, which keeps an idle connection small.
         self._extra = None  # type: ignore[assignment]
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # As asyncio's transports do: without it a write that leaves a small tail (a
+            # 65,536-byte echo read as 65,535 + 1) waits for the peer's delayed ACK (Nagle).
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # the peer is already gone: the first read will say so
         self._loop = loop
         self._sock = sock
         self._fileno = sock.fileno()
@@ -118,7 +128,8 @@ class CompletionTransport(asyncio.Transport):
         self._lent: memoryview | None = None
         self.bytes_received = 0
         self.bytes_sent = 0
-        self.last_activity = 0.0
+        self.last_activity = time.monotonic()
+        self._last_traffic = 0
         self._high_water = write_high_water
         self._low_water = write_high_water // 4
         self._deliver = self._choose_delivery(protocol)
@@ -244,6 +255,18 @@ class CompletionTransport(asyncio.Transport):
     def reading_paused(self) -> bool:
         return not self._reading
 
+    def note_activity(self, now: float) -> float:
+        """When traffic last moved either way, as seen by the owner's periodic sweep.
+
+        The hot path keeps byte counts only (no clock read per read or write); the sweep
+        compares them with what it saw last time, so an activity time is exact to one sweep
+        interval, which is all an idle timeout or a quiet-connection check needs."""
+        traffic = self.bytes_received + self.bytes_sent
+        if traffic != self._last_traffic:
+            self._last_traffic = traffic
+            self.last_activity = now
+        return self.last_activity
+
     # -- what a backend implements ----------------------------------------------------------
 
     def start(self) -> None:
@@ -276,8 +299,9 @@ class CompletionTransport(asyncio.Transport):
     # -- shared machinery -------------------------------------------------------------------
 
     def _choose_delivery(self, protocol: asyncio.BaseProtocol) -> Any:
-        """The one callable a completed read calls with ``(view, nbytes)``."""
-        lend = getattr(protocol, "data_lent", None)
+        """The one callable a completed read calls with a view of the bytes read.  For a
+        lending protocol the backends call ``_lend`` themselves (one call fewer per read)."""
+        lend = self._lend = getattr(protocol, "data_lent", None)
         if lend is not None:
             return self._deliver_lent
         if isinstance(protocol, asyncio.BufferedProtocol):

@@ -95,6 +95,7 @@ async def serve(
     backlog: int = DEFAULT_BACKLOG,
     write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    sock: socket.socket | None = None,
 ) -> EchoServer:
     """Serve any asyncio protocol on the running proactor loop; return the server, accepting.
 
@@ -125,7 +126,13 @@ async def serve(
     backend = _platform.backend()
     loop = asyncio.get_running_loop()
     _platform.require_proactor(loop)
-    listeners = open_listeners(host, port, backlog, backend.prepare_listener)
+    if sock is not None:
+        if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
+            raise TypeError(f"sock must be a listening TCP socket, got {sock!r}")
+        sock.setblocking(False)
+        listeners = [sock]
+    else:
+        listeners = open_listeners(host, port, backlog, backend.prepare_listener)
     server = EchoServer(
         loop,
         backend,
@@ -153,6 +160,7 @@ async def serve_echo(
     backlog: int = DEFAULT_BACKLOG,
     write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    sock: socket.socket | None = None,
 ) -> EchoServer:
     """Start an echo server on the running proactor loop: :func:`serve` with
     :class:`EchoProtocol`.  See :func:`serve` for the arguments and the errors raised."""
@@ -168,6 +176,7 @@ async def serve_echo(
         backlog=backlog,
         write_high_water=write_high_water,
         shutdown_timeout=shutdown_timeout,
+        sock=sock,
     )
 
 
@@ -350,6 +359,8 @@ class EchoServer:
         # awaits the accept _start() posted for it.
         for future in list(self._accepts):
             self._abandon_accept(future)
+        if self._engine is not None and self._engine.accepts:
+            self._engine.stop_accepting()
         for listener in self._listeners:
             listener.close()
         self._shutdown_task = self._loop.create_task(self._shutdown())
@@ -402,6 +413,10 @@ class EchoServer:
         introspection.register_source(self)
         try:
             for listener in self._listeners:
+                if self._engine is not None and self._engine.accepts:
+                    # one multishot accept per listener, completions straight to _admit
+                    self._engine.start_accepting(listener, self._admit, self._accept_failed)
+                    continue
                 for _ in range(ACCEPTS_IN_FLIGHT):
                     first = self._issue_accept(listener)
                     task = self._loop.create_task(self._accept_loop(listener, first))
@@ -410,6 +425,7 @@ class EchoServer:
             self.close()
             raise
         self._sweep_handle = self._loop.call_later(self._sweep_interval(), self._sweep)
+        logger.info("serving on %s with %s", format_address(self._local), self.engine_name)
 
     def _issue_accept(self, listener: socket.socket) -> asyncio.Future[tuple[socket.socket, Any]]:
         future = self._backend.accept(self._loop, listener)
@@ -441,28 +457,9 @@ class EchoServer:
             except OSError as exc:
                 if self._closing:
                     return
-                self._errors[type(exc).__name__] += 1
-                self._failed_accepts += 1
-                if self._backend.is_transient_accept_error(exc):
-                    self._log.log(
-                        "accept failed",
-                        logging.WARNING,
-                        "accept on %s failed: the client went away before it completed: %s "
-                        "(OS error %s); still accepting",
-                        format_address(self._local),
-                        exc,
-                        os_error_code(exc),
-                        error_class=type(exc).__name__,
-                    )
-                    continue
-                logger.error(
-                    "accept on %s failed: %s (OS error %s); retrying in %.1f s",
-                    format_address(self._local),
-                    exc,
-                    os_error_code(exc),
-                    ACCEPT_ERROR_BACKOFF,
-                )
-                await asyncio.sleep(ACCEPT_ERROR_BACKOFF)
+                delay = self._accept_failed(exc)
+                if delay:
+                    await asyncio.sleep(delay)
                 continue
             except Exception as exc:
                 if self._closing:
@@ -473,6 +470,36 @@ class EchoServer:
                 await asyncio.sleep(ACCEPT_ERROR_BACKOFF)
                 continue
             self._admit(conn, address)
+
+    def _accept_failed(self, exc: OSError) -> float:
+        """Count and log (rate-limited) a failed accept; return how long to wait before
+        accepting again: 0 when one client went away, a pause when the cause is not one
+        client (no descriptors or buffers left: retrying at once would spin)."""
+        self._errors[type(exc).__name__] += 1
+        self._failed_accepts += 1
+        if self._backend.is_transient_accept_error(exc):
+            self._log.log(
+                "accept failed",
+                logging.WARNING,
+                "accept on %s failed: the client went away before it completed: %s "
+                "(OS error %s); still accepting",
+                format_address(self._local),
+                exc,
+                os_error_code(exc),
+                error_class=type(exc).__name__,
+            )
+            return 0.0
+        self._log.log(
+            "accept failed",
+            logging.ERROR,
+            "accept on %s failed: %s (OS error %s); retrying in %.1f s",
+            format_address(self._local),
+            exc,
+            os_error_code(exc),
+            ACCEPT_ERROR_BACKOFF,
+            error_class=type(exc).__name__,
+        )
+        return ACCEPT_ERROR_BACKOFF
 
     def _admit(self, conn: socket.socket, address: Any) -> None:
         if self._closing:
@@ -622,10 +649,7 @@ class EchoServer:
         timeout = self._idle_timeout
         if timeout is not None:
             for connection in list(self._connections):
-                if isinstance(connection, StockConnection):
-                    last = connection.note_activity(now)
-                else:
-                    last = connection.last_activity
+                last = connection.note_activity(now)
                 if now - last >= timeout:
                     self._log.log(
                         "idle connection closed",

@@ -84,7 +84,8 @@ async def test_reads_never_ask_more_than_max_read() -> None:
 
 async def test_default_read_size_is_65535(server: iocp_echo.EchoServer) -> None:
     sock = await connect(server.port)
-    assert await echo_on(sock, b"wake up") == b"wake up"  # a busy connection reads in full
+    for _ in range(2):  # two messages in a row make a busy connection: it reads in full
+        assert await echo_on(sock, b"wake up") == b"wake up"
     await wait_until(lambda: any(op.kind == "recv" for op in server.pending_operations()))
     assert [op.nbytes for op in server.pending_operations() if op.kind == "recv"] == [65535]
     sock.close()

@@ -200,8 +200,9 @@ async def test_a_protocol_that_raises_costs_its_connection_only(
 
 @pytest.mark.iocp
 async def test_quiet_connections_wait_with_a_zero_byte_receive() -> None:
-    """IOCP: a new connection waits with a zero-byte receive (no buffer pinned); a busy one
-    reads into a pooled max_read buffer; the sweep returns a quiet one to zero bytes."""
+    """IOCP: a new connection waits with a zero-byte receive (no buffer pinned); one message
+    does not change that; two in a row make it busy, reading into a pooled max_read buffer;
+    the sweep returns a quiet one to zero bytes."""
     from iocp_echo._iocp import engine
 
     async with await iocp_echo.serve_echo("127.0.0.1", 0) as server:
@@ -214,6 +215,9 @@ async def test_quiet_connections_wait_with_a_zero_byte_receive() -> None:
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(sock, b"ping")
         assert await recv_exactly(sock, 4) == b"ping"
+        await wait_until(lambda: recvs() == [0], what="still quiet after one message")
+        await loop.sock_sendall(sock, b"pong")
+        assert await recv_exactly(sock, 4) == b"pong"
         await wait_until(lambda: recvs() == [65535], what="a pooled receive")
         await wait_until(lambda: recvs() == [0], timeout=engine.QUIET_AFTER + 5, what="quiet again")
         await loop.sock_sendall(sock, b"again")  # woken from quiet: drained, echoed

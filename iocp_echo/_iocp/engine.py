@@ -20,7 +20,9 @@ receive and one send in flight.  Reading has two modes:
 * QUIET: a zero-byte ``WSARecvInto``: nothing pinned.  When it completes, one non-blocking
   ``recv_into`` takes what arrived and the connection is BUSY again.
 
-Connections start QUIET.  The server's sweep (once a second, see :meth:`IocpEngine.sweep`)
+Connections start QUIET, and a wake-up makes one BUSY only when the previous one was less than
+``QUIET_AFTER`` seconds before (a client that sends one message and goes silent never pins a
+buffer).  The server's sweep (once a second, see :meth:`IocpEngine.sweep`)
 cancels the BUSY receive of a connection that has read nothing for ``QUIET_AFTER`` seconds; its
 packet (``ERROR_OPERATION_ABORTED``) then moves it to QUIET and frees its buffer.  A zero-byte
 receive for every read would cost a second Winsock call per request (about 30% under Wine), so
@@ -43,7 +45,7 @@ __all__ = ["QUIET_AFTER", "IocpEngine", "IocpTransport", "describe_entry"]
 #: Seconds without a completed read after which a connection gives its read buffer back.
 QUIET_AFTER = 1.0
 #: Free read buffers kept for reuse; more are released to the allocator.
-POOL_LIMIT = 256
+POOL_LIMIT = 64
 _ERROR_OPERATION_ABORTED = 995
 _NULL = 0
 _EMPTY = bytearray(0)
@@ -90,6 +92,8 @@ class IocpEngine:
     """One server's completion engine: its read-buffer pool and its connections."""
 
     needs_sweep = True
+    #: Accepts stay the server's AcceptEx loop (one operation each: no multishot on IOCP).
+    accepts = False
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, max_read: int) -> None:
         hook = _private.completion_hook(loop)  # InternalsUnavailable: use the stock path
@@ -132,7 +136,7 @@ class IocpEngine:
             if (
                 transport._read_ov is not None
                 and transport._read_buf is not None
-                and now - transport.last_activity >= QUIET_AFTER
+                and now - transport.note_activity(now) >= QUIET_AFTER
                 and not transport._quieting
             ):
                 transport._quieting = True
@@ -140,6 +144,12 @@ class IocpEngine:
                     transport._read_ov.cancel()
                 except OSError:
                     pass  # it completed meanwhile: its packet is on its way
+
+    def start_accepting(self, listener: Any, admit: Any, failed: Any) -> None:
+        raise NotImplementedError("IOCP accepts through the server's AcceptEx loop")
+
+    def stop_accepting(self) -> None:
+        pass
 
     def idle_buffers(self) -> int:
         return len(self.pool)
@@ -162,6 +172,7 @@ class IocpTransport(CompletionTransport):
         "_send_ov",
         "_send_started",
         "_stash",
+        "_woke_at",
     )
 
     def __init__(self, engine: IocpEngine, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
@@ -172,13 +183,13 @@ class IocpTransport(CompletionTransport):
         self._read_buf: memoryview | None = None
         self._read_started = 0.0
         self._quieting = False
+        self._woke_at = 0.0
         self._send_ov: Any = None
         self._send_held: Any = None
         self._send_started = 0.0
         self._stash: tuple[memoryview, int] | None = None
 
     def start(self) -> None:
-        self.last_activity = time.monotonic()
         try:
             self._protocol.connection_made(self)
         except (SystemExit, KeyboardInterrupt):
@@ -249,7 +260,13 @@ class IocpTransport(CompletionTransport):
         if self._closing:
             self._release_read_buffer()
             return
+        stay_quiet = False
         if buf is None:  # a zero-byte receive: data (or EOF) is waiting in the socket
+            # One message does not make a busy connection: go BUSY (and pin a buffer) only
+            # when woken twice within QUIET_AFTER seconds.
+            now = time.monotonic()
+            stay_quiet = now - self._woke_at >= QUIET_AFTER
+            self._woke_at = now
             buf = self._read_buf = self._take_buffer()
             try:
                 nbytes = self._sock.recv_into(buf)
@@ -265,19 +282,47 @@ class IocpTransport(CompletionTransport):
             self._eof_received()
             return
         self.bytes_received += nbytes
-        self.last_activity = time.monotonic()
         if not self._reading:
             self._stash = (buf, nbytes)  # delivered by resume_reading()
             return
         try:
-            self._deliver(buf[:nbytes])
+            lend = self._lend
+            if lend is not None:
+                self._lent = view = buf[:nbytes]
+                lend(view)
+                self._lent = None
+            else:
+                self._deliver(buf[:nbytes])
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
+            self._lent = None
             self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
             return
+        if stay_quiet:
+            if self._reading and not self._closing and self._read_ov is None:
+                self._release_read_buffer()
+                self._read_quietly()
+            return
         if self._reading and not self._closing and self._read_ov is None:
-            self._read_busily()
+            # BUSY: the next receive, into the same buffer unless a send took it
+            buf = self._read_buf
+            if buf is None:
+                pool = self._engine.pool
+                buf = self._read_buf = pool.pop() if pool else memoryview(bytearray(self._max_read))
+            ov = _overlapped.Overlapped(_NULL)
+            try:
+                ov.WSARecvInto(self._fileno, buf, 0)
+            except BrokenPipeError:
+                self._release_read_buffer()
+                self._eof_received()
+                return
+            except OSError as exc:
+                self._fatal_error(exc, "WSARecvInto failed")
+                return
+            self._read_ov = ov
+            self._read_started = time.monotonic()
+            self._engine.cache[ov.address] = (self._entry, ov, self._sock, self._read_done)
 
     def _take_buffer(self) -> memoryview:
         pool = self._engine.pool
@@ -322,6 +367,15 @@ class IocpTransport(CompletionTransport):
 
     # -- sending ----------------------------------------------------------------------------
 
+    def write(self, data: bytes | bytearray | memoryview) -> None:  # type: ignore[override]
+        """The fast path: write side IDLE and open: one WSASend, from the lent buffer."""
+        if self._sending or self._queue or self._conn_lost or self._eof_pending or not data:
+            CompletionTransport.write(self, data)
+            return
+        if self._eof_written:
+            raise RuntimeError("write_eof() already called")
+        self._start_send(data)
+
     def _start_send(self, data: bytes | bytearray | memoryview) -> None:
         if data is self._lent:
             held: Any = self._read_buf  # the pooled buffer goes with the send
@@ -339,10 +393,11 @@ class IocpTransport(CompletionTransport):
             return
         self._send_ov = ov
         self._send_held = held
-        self._sending = len(data)
+        size = self._sending = len(data)
         self._send_started = time.monotonic()
         self._engine.cache[ov.address] = (self._entry, ov, self._sock, self._send_done)
-        self._maybe_pause_protocol()
+        if size > self._high_water and not self._protocol_paused:
+            self._maybe_pause_protocol()
 
     def _send_done(self, transferred: Any, key: Any, ov: Any) -> None:
         self._send_ov = None
@@ -354,12 +409,13 @@ class IocpTransport(CompletionTransport):
             if not self._conn_lost:
                 self._fatal_error(exc, "send failed")
             return
-        self.last_activity = time.monotonic()
         if type(held) is memoryview:
             if self._read_buf is None and self._read_ov is None:
                 self._read_buf = held  # the next receive reuses it
             else:
-                self._give_back(held)
+                pool = self._engine.pool
+                if len(pool) < POOL_LIMIT:
+                    pool.append(held)
         if self._conn_lost:
             return
         if sent < self._sending:  # overlapped sends complete whole or fail; be safe anyway
@@ -368,7 +424,11 @@ class IocpTransport(CompletionTransport):
             self._sending = 0
             self._start_send(rest)
             return
-        self._send_completed(sent)
+        if self._queue or self._closing or self._eof_pending or self._protocol_paused:
+            self._send_completed(sent)
+        else:  # IDLE again: nothing else to do
+            self.bytes_sent += sent
+            self._sending = 0
 
     def _give_back(self, held: Any) -> None:
         if type(held) is memoryview:

@@ -29,6 +29,7 @@ import errno
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .._transport import CompletionTransport, ConnectionOwner
@@ -46,6 +47,9 @@ BUFFER_SIZE = 64 * 1024
 _F_MORE = abi.IORING_CQE_F_MORE
 _SHIFT = abi.IORING_CQE_BUFFER_SHIFT
 _OP_RECV = abi.IORING_OP_RECV
+_OP_ACCEPT = abi.IORING_OP_ACCEPT
+_ACCEPT_MULTISHOT = abi.IORING_ACCEPT_MULTISHOT
+_ACCEPT_FLAGS = int(socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
 _OP_SEND = abi.IORING_OP_SEND
 _BUFFER_SELECT = abi.IOSQE_BUFFER_SELECT
 _MULTISHOT = abi.IORING_RECV_MULTISHOT
@@ -66,7 +70,8 @@ def _error(code: int) -> OSError:
 
 
 class UringEngine:
-    """One server's completion engine: its provided-buffer ring and its connections."""
+    """One server's completion engine: its provided-buffer ring, its connections, and (on
+    kernels with multishot accept) its listeners' accepts."""
 
     needs_sweep = False
 
@@ -92,6 +97,9 @@ class UringEngine:
         self.read_size = self.buffers.buffer_length
         self.starved: list[UringTransport] = []
         self.transports: set[UringTransport] = set()
+        #: True when :meth:`start_accepting` can keep one multishot ACCEPT armed per listener.
+        self.accepts = capabilities.multishot_accept
+        self._accepting: dict[socket.socket, _Acceptor] = {}
 
     @property
     def name(self) -> str:
@@ -124,6 +132,25 @@ class UringEngine:
     def sweep(self, now: float) -> None:
         pass  # nothing to reclaim: idle connections hold no buffer
 
+    def start_accepting(
+        self,
+        listener: socket.socket,
+        admit: Callable[[socket.socket, Any], None],
+        failed: Callable[[OSError], float],
+    ) -> None:
+        """Keep one multishot ACCEPT armed on *listener*: ``admit(conn, peer)`` for each
+        connection; ``failed(exc)`` for each error, returning how long to wait before the
+        accept is armed again (0: at once)."""
+        acceptor = _Acceptor(self, listener, admit, failed)
+        self._accepting[listener] = acceptor
+        acceptor.arm()
+
+    def stop_accepting(self) -> None:
+        """Cancel every armed accept (before the listeners close)."""
+        for acceptor in self._accepting.values():
+            acceptor.stop()
+        self._accepting.clear()
+
     def rearm_starved(self) -> None:
         """A buffer came back: connections whose receive ran out of buffers read again."""
         starved, self.starved = self.starved, []
@@ -142,6 +169,73 @@ class UringEngine:
             self.buffers.close()
         except OSError:
             pass  # close() abandoned them: still safe
+
+
+class _Acceptor:
+    """One listener's multishot ACCEPT: one armed operation, one CQE per connection."""
+
+    __slots__ = ("admit", "engine", "failed", "listener", "retry", "stopped", "tag")
+
+    def __init__(
+        self,
+        engine: UringEngine,
+        listener: socket.socket,
+        admit: Callable[[socket.socket, Any], None],
+        failed: Callable[[OSError], float],
+    ) -> None:
+        self.engine = engine
+        self.listener = listener
+        self.admit = admit
+        self.failed = failed
+        self.tag = 0
+        self.stopped = False
+        self.retry: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        self.retry = None
+        proactor = self.engine.proactor
+        if self.stopped or proactor.closing or self.listener.fileno() < 0:
+            return
+        self.tag = proactor.submit_direct(
+            _OP_ACCEPT,
+            self.listener,
+            self.accepted,
+            kind="accept",
+            ioprio=_ACCEPT_MULTISHOT,
+            op_flags=_ACCEPT_FLAGS,
+        )
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
+        if self.tag and self.engine.proactor.cancel_direct(self.tag):
+            self.tag = 0
+
+    def accepted(self, res: int, flags: int) -> None:
+        if not flags & _F_MORE:
+            self.tag = 0
+        if res >= 0:
+            conn = socket.socket(self.listener.family, socket.SOCK_STREAM, fileno=res)
+            if self.stopped:
+                conn.close()
+            else:
+                conn.setblocking(False)  # as the descriptor already is (SOCK_NONBLOCK)
+                try:
+                    peer = conn.getpeername()
+                except OSError as exc:  # reset while it waited in the backlog
+                    conn.close()
+                    self.failed(exc)
+                else:
+                    self.admit(conn, peer)
+        elif res != -_ECANCELED and not self.stopped:
+            delay = self.failed(_error(-res))
+            if not self.tag and delay > 0:
+                self.retry = self.engine.loop.call_later(delay, self.arm)
+                return
+        if not self.tag and not self.stopped:
+            self.arm()  # the kernel ended the multishot accept: arm it again
 
 
 class UringTransport(CompletionTransport):
@@ -174,7 +268,6 @@ class UringTransport(CompletionTransport):
         self._stash: list[tuple[int, int]] | None = None
 
     def start(self) -> None:
-        self.last_activity = time.monotonic()
         try:
             self._protocol.connection_made(self)
         except (SystemExit, KeyboardInterrupt):
@@ -208,48 +301,83 @@ class UringTransport(CompletionTransport):
         self._recv_started = time.monotonic()
 
     def _recv_done(self, res: int, flags: int) -> None:
-        """A receive's CQE (one per arrival, while a multishot receive stays armed)."""
+        """A receive's CQE (one per arrival, while a multishot receive stays armed).
+
+        The hot path: the bytes are lent (or handed) to the protocol straight from the
+        provided buffer, which goes back to the kernel at once unless a send kept it."""
         if not flags & _F_MORE:
             self._recv_tag = 0
+        if res > 0 and self._reading and not self._closing:
+            bid = flags >> _SHIFT
+            self.bytes_received += res
+            engine = self._engine
+            view = engine.views[bid][:res]
+            try:
+                lend = self._lend
+                if lend is not None:
+                    self._lent = view
+                    self._lent_bid = bid
+                    lend(view)
+                else:
+                    self._deliver(view)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+            self._lent = None
+            if self._held != bid:
+                engine.recycle(bid)
+                if engine.starved:
+                    engine.rearm_starved()
+            if not self._recv_tag and self._reading and not self._closing:
+                self._arm_recv()
+            return
+        self._recv_other(res, flags)
+
+    def _recv_other(self, res: int, flags: int) -> None:
+        """The rest of a receive's outcomes: data while paused or closing, EOF, errors."""
         if res > 0:
             bid = flags >> _SHIFT
             self.bytes_received += res
-            self.last_activity = time.monotonic()
-            if not self._reading or self._closing:
-                if self._closing:
-                    self._engine.recycle(bid)
-                else:
-                    if self._stash is None:
-                        self._stash = []
-                    self._stash.append((bid, res))  # delivered by resume_reading()
-                return
-            self._deliver_from(bid, res)
-            if not self._recv_tag and self._reading and not self._closing:
-                self._arm_recv()
+            if self._closing:
+                self._engine.recycle(bid)
+            else:
+                if self._stash is None:
+                    self._stash = []
+                self._stash.append((bid, res))  # delivered by resume_reading()
             return
         if res == 0:
             if not self._closing:
                 self._eof_received()
             return
-        if res == -_ECANCELED or self._closing:
-            return  # paused or closing
+        if self._closing:
+            return
+        if res == -_ECANCELED:  # paused (or resumed again before the cancel landed)
+            if self._reading and not self._recv_tag:
+                self._arm_recv()
+            return
         if res == -_ENOBUFS:
-            engine = self._engine
-            engine.starved.append(self)
+            self._engine.starved.append(self)
             return
         self._fatal_error(_error(-res), "receive failed")
 
     def _deliver_from(self, bid: int, nbytes: int) -> None:
+        """Deliver a stashed receive (after resume_reading)."""
         engine = self._engine
+        view = engine.views[bid][:nbytes]
         self._lent_bid = bid
         try:
-            self._deliver(engine.views[bid][:nbytes])
+            if self._lend is not None:
+                self._lent = view
+                self._lend(view)
+            else:
+                self._deliver(view)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
         finally:
-            self._lent_bid = -1
+            self._lent = None
             if self._held != bid:
                 engine.recycle(bid)
                 if engine.starved:
@@ -278,6 +406,24 @@ class UringTransport(CompletionTransport):
 
     # -- sending ----------------------------------------------------------------------------
 
+    def write(self, data: bytes | bytearray | memoryview) -> None:  # type: ignore[override]
+        """The fast path: write side IDLE and open, the socket takes everything now."""
+        if self._sending or self._queue or self._conn_lost or self._eof_pending:
+            CompletionTransport.write(self, data)
+            return
+        if self._eof_written:
+            raise RuntimeError("write_eof() already called")
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._fatal_error(exc, "send failed")
+            return
+        self.bytes_sent += sent
+        if sent != len(data):
+            self._send_remainder(data, sent)
+
     def _start_send(self, data: bytes | bytearray | memoryview) -> None:
         """Write side IDLE: try the socket now; submit a SEND only for what it did not take."""
         try:
@@ -287,11 +433,14 @@ class UringTransport(CompletionTransport):
         except OSError as exc:
             self._fatal_error(exc, "send failed")
             return
-        size = len(data)
-        if sent == size:
-            self.bytes_sent += sent
-            return
         self.bytes_sent += sent
+        if sent != len(data):
+            self._send_remainder(data, sent)
+
+    def _send_remainder(self, data: bytes | bytearray | memoryview, sent: int) -> None:
+        """The socket took part (or none): SEND the rest, from the provided buffer if lent."""
+        if not data:
+            return
         if data is self._lent:
             self._held = self._lent_bid  # the provided buffer goes with the send
             rest: Any = data[sent:]
@@ -333,7 +482,6 @@ class UringTransport(CompletionTransport):
             if not self._conn_lost:
                 self._fatal_error(_error(-res), "send failed")
             return
-        self.last_activity = time.monotonic()
         if res < self._sending:  # the kernel took part: send the rest from the same buffer
             self.bytes_sent += res
             self._sending = 0
