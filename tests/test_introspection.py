@@ -22,7 +22,6 @@ import iocp_echo
 from iocp_echo import admin, inspector
 from iocp_echo import server as _server
 
-
 from .conftest import assert_nothing_left
 from .helpers import connect, echo, recv_exactly, reset, wait_until
 
