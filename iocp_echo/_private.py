@@ -18,6 +18,18 @@ Each function checks the shape it relies on and raises :class:`InternalsUnavaila
 reason when it differs, so callers degrade to a public code path or report "unavailable"
 instead of crashing or guessing.  ``tests/test_private.py`` checks every one of these on each
 supported CPython.  Everything here must run on the event loop's thread.
+
+Outside this module, by design, two contracts with asyncio that are not "reaching into"
+CPython but *implementing* its extension points, each covered by the whole suite on 3.11-3.13:
+
+* ``iocp_echo._uring.proactor.UringEventLoop`` is a ``BaseProactorEventLoop`` subclass, like
+  CPython's own ``ProactorEventLoop``: it passes its proactor to ``super().__init__`` (stored
+  as ``_proactor``), and starts/stops the self-pipe reader the way ``ProactorEventLoop`` does
+  (``_loop_self_reading``, ``_self_reading_future``, ``_run_forever_setup``/``_cleanup`` on
+  3.13, ``run_forever`` before).  Introspection names that self-pipe read by ``_ssock``.
+* ``protocol.is_completion_transport`` recognises asyncio's proactor transports by their base
+  class ``proactor_events._ProactorBasePipeTransport`` (enforcement only: a wrong answer refuses
+  a transport, it never misuses one).
 """
 
 from __future__ import annotations
