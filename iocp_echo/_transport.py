@@ -360,6 +360,10 @@ class CompletionTransport(asyncio.Transport):
         elif self._eof_pending:
             self._eof_pending = False
             self._shutdown_write()
+        if self._protocol_paused:
+            self._maybe_resume_protocol()
+
+    def _maybe_resume_protocol(self) -> None:
         if self._protocol_paused and self._sending + self._queued <= self._low_water:
             self._protocol_paused = False
             try:

@@ -96,6 +96,7 @@ class UringEngine:
         self.recycle = self.buffers.recycle
         self.read_size = self.buffers.buffer_length
         self.starved: list[UringTransport] = []
+        self.corked: list[UringTransport] = []
         self.transports: set[UringTransport] = set()
         #: True when :meth:`start_accepting` can keep one multishot ACCEPT armed per listener.
         self.accepts = capabilities.multishot_accept
@@ -150,6 +151,12 @@ class UringEngine:
         for acceptor in self._accepting.values():
             acceptor.stop()
         self._accepting.clear()
+
+    def flush_corked(self) -> None:
+        """End of a batch of completions: send every connection's corked writes."""
+        corked, self.corked = self.corked, []
+        for transport in corked:
+            transport._flush_cork()
 
     def rearm_starved(self) -> None:
         """A buffer came back: connections whose receive ran out of buffers read again."""
@@ -242,7 +249,10 @@ class UringTransport(CompletionTransport):
     """A connection driven by its io_uring completions (see the module docstring)."""
 
     __slots__ = (
+        "_cork",
+        "_cork_bids",
         "_engine",
+        "_fill",
         "_held",
         "_lent_bid",
         "_recv_started",
@@ -266,6 +276,9 @@ class UringTransport(CompletionTransport):
         self._held = -1  # the provided buffer a send in flight is sending from
         self._lent_bid = -1
         self._stash: list[tuple[int, int]] | None = None
+        self._fill = False  # the read being delivered filled its buffer: more may follow
+        self._cork: list[Any] | None = None  # writes held until the end of this batch
+        self._cork_bids: list[int] | None = None
 
     def start(self) -> None:
         try:
@@ -312,6 +325,7 @@ class UringTransport(CompletionTransport):
             self.bytes_received += res
             engine = self._engine
             view = engine.views[bid][:res]
+            self._fill = res == engine.read_size
             try:
                 lend = self._lend
                 if lend is not None:
@@ -325,7 +339,8 @@ class UringTransport(CompletionTransport):
             except BaseException as exc:
                 self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
             self._lent = None
-            if self._held != bid:
+            self._fill = False
+            if self._held != bid and (self._cork_bids is None or bid not in self._cork_bids):
                 engine.recycle(bid)
                 if engine.starved:
                     engine.rearm_starved()
@@ -413,6 +428,9 @@ class UringTransport(CompletionTransport):
             return
         if self._eof_written:
             raise RuntimeError("write_eof() already called")
+        if self._cork is not None or self._fill:
+            self._cork_write(data)
+            return
         try:
             sent = self._sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -423,6 +441,90 @@ class UringTransport(CompletionTransport):
         self.bytes_sent += sent
         if sent != len(data):
             self._send_remainder(data, sent)
+
+    # A read that fills its buffer is usually followed, in the same batch of completions, by
+    # the rest of the message (a 65,536-byte message is read as 65,535 + 1 with the default
+    # max_read).  Writes made then are held (corked) until the end of the batch and go out in
+    # one sendmsg(): one system call and one segment train instead of a tiny second send that
+    # the peer must wake up for.  The provided buffers stay held until then: no copy.
+
+    def _cork_write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._cork is None:
+            self._cork = []
+            self._cork_bids = []
+            self._engine.corked.append(self)
+            if len(self._engine.corked) == 1:
+                self._loop.call_soon(self._engine.flush_corked)  # once per batch
+        if data is self._lent:
+            self._cork.append(data)
+            self._cork_bids.append(self._lent_bid)  # type: ignore[union-attr]
+        else:
+            self._cork.append(bytes(data))
+            self._cork_bids.append(-1)  # type: ignore[union-attr]
+        self._queued += len(data)
+        if self._queued > self._high_water:
+            self._maybe_pause_protocol()
+
+    def _flush_cork(self) -> None:
+        """Send what was corked: one sendmsg(); a SEND for what the socket did not take."""
+        chunks, bids = self._cork, self._cork_bids
+        self._cork = self._cork_bids = None
+        if not chunks or bids is None:
+            return
+        total = self._queued
+        self._queued = 0
+        if self._conn_lost:
+            self._recycle_all(bids)
+            return
+        try:
+            sent = self._sock.sendmsg(chunks)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._recycle_all(bids)
+            self._fatal_error(exc, "send failed")
+            return
+        self.bytes_sent += sent
+        if sent == total:
+            self._recycle_all(bids)
+            if self._protocol_paused:
+                self._maybe_resume_protocol()
+            return
+        # The rest goes in one SEND: straight from its provided buffer when it is one piece
+        # of one (the usual case: the socket is full), else copied together.
+        pieces: list[tuple[Any, int]] = []
+        for chunk, bid in zip(chunks, bids, strict=True):
+            if sent >= len(chunk):
+                sent -= len(chunk)
+                if bid >= 0:
+                    self._engine.recycle(bid)
+                continue
+            pieces.append((chunk[sent:], bid))
+            sent = 0
+        if len(pieces) == 1 and pieces[0][1] >= 0:
+            rest, self._held = pieces[0]
+        else:
+            rest = b"".join(piece for piece, _bid in pieces)
+            self._recycle_all([bid for _piece, bid in pieces])
+        self._submit_send(rest)
+
+    def _recycle_all(self, bids: list[int] | None) -> None:
+        engine = self._engine
+        for bid in bids or ():
+            if bid >= 0:
+                engine.recycle(bid)
+        if engine.starved:
+            engine.rearm_starved()
+
+    def close(self) -> None:
+        if self._cork is not None:
+            self._flush_cork()
+        super().close()
+
+    def write_eof(self) -> None:
+        if self._cork is not None:
+            self._flush_cork()
+        super().write_eof()
 
     def _start_send(self, data: bytes | bytearray | memoryview) -> None:
         """Write side IDLE: try the socket now; submit a SEND only for what it did not take."""
@@ -517,6 +619,10 @@ class UringTransport(CompletionTransport):
         stash, self._stash = self._stash, None
         for bid, _nbytes in stash or ():
             self._engine.recycle(bid)
+        if self._cork is not None:  # aborted: what was corked is dropped
+            bids, self._cork, self._cork_bids = self._cork_bids, None, None
+            self._queued = 0
+            self._recycle_all(bids)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         self._engine.transports.discard(self)
