@@ -271,6 +271,18 @@ class CompletionTransport(asyncio.Transport):
 
     def start(self) -> None:
         """Call ``connection_made`` and start reading; errors cost this connection only."""
+        try:
+            self._protocol.connection_made(self)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.connection_made() call failed.")
+            return
+        if self._reading and not self._closing:
+            self._start_reading()
+
+    def _start_reading(self) -> None:
+        """Issue the first read (the protocol may have paused reading or closed already)."""
         raise NotImplementedError
 
     def _reading_paused(self) -> None:

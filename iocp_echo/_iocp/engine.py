@@ -189,16 +189,8 @@ class IocpTransport(CompletionTransport):
         self._send_started = 0.0
         self._stash: tuple[memoryview, int] | None = None
 
-    def start(self) -> None:
-        try:
-            self._protocol.connection_made(self)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol.connection_made() call failed.")
-            return
-        if self._reading and not self._closing:
-            self._read_quietly()
+    def _start_reading(self) -> None:
+        self._read_quietly()
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -305,24 +297,7 @@ class IocpTransport(CompletionTransport):
                 self._read_quietly()
             return
         if self._reading and not self._closing and self._read_ov is None:
-            # BUSY: the next receive, into the same buffer unless a send took it
-            buf = self._read_buf
-            if buf is None:
-                pool = self._engine.pool
-                buf = self._read_buf = pool.pop() if pool else memoryview(bytearray(self._max_read))
-            ov = _overlapped.Overlapped(_NULL)
-            try:
-                ov.WSARecvInto(self._fileno, buf, 0)
-            except BrokenPipeError:
-                self._release_read_buffer()
-                self._eof_received()
-                return
-            except OSError as exc:
-                self._fatal_error(exc, "WSARecvInto failed")
-                return
-            self._read_ov = ov
-            self._read_started = time.monotonic()
-            self._engine.cache[ov.address] = (self._entry, ov, self._sock, self._read_done)
+            self._read_busily()  # the next receive, into the same buffer unless a send took it
 
     def _take_buffer(self) -> memoryview:
         pool = self._engine.pool

@@ -280,16 +280,8 @@ class UringTransport(CompletionTransport):
         self._cork: list[Any] | None = None  # writes held until the end of this batch
         self._cork_bids: list[int] | None = None
 
-    def start(self) -> None:
-        try:
-            self._protocol.connection_made(self)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol.connection_made() call failed.")
-            return
-        if self._reading and not self._closing:
-            self._arm_recv()
+    def _start_reading(self) -> None:
+        self._arm_recv()
 
     # -- reading ----------------------------------------------------------------------------
 
