@@ -14,6 +14,7 @@ import pytest
 
 import iocp_echo
 from iocp_echo import _private
+from iocp_echo import server as _server
 
 from .conftest import assert_nothing_left
 from .helpers import connect, recv_exactly, recv_until_eof, wait_until
@@ -265,12 +266,13 @@ async def test_completion_hook_shape_check_refuses_a_changed_proactor() -> None:
         type(proactor)._poll = original
 
 
-def _serve_on_uring_loop(disable: set[str]) -> tuple[str, bytes]:
+def _serve_on_uring_loop(disable: set[str]) -> tuple[str, bytes, int]:
     """Run an echo on a fresh io_uring loop with *disable*d kernel features."""
     from iocp_echo._uring import UringEventLoop, UringProactor
 
-    async def main() -> tuple[str, bytes]:
+    async def main() -> tuple[str, bytes, int]:
         async with await iocp_echo.serve_echo("127.0.0.1", 0) as server:
+            accepts = sum(op.kind == "accept" for op in server.pending_operations())
             payload = os.urandom(300_000)
             sock = await connect(server.port)
             await asyncio.get_running_loop().sock_sendall(sock, payload)
@@ -278,7 +280,7 @@ def _serve_on_uring_loop(disable: set[str]) -> tuple[str, bytes]:
             sock.close()
             name = server.engine_name
         assert_nothing_left(server)
-        return name, echoed if echoed == payload else b"corrupt"
+        return name, echoed if echoed == payload else b"corrupt", accepts
 
     with asyncio.Runner(loop_factory=lambda: UringEventLoop(UringProactor(disable=disable))) as r:
         return r.run(main())
@@ -286,16 +288,20 @@ def _serve_on_uring_loop(disable: set[str]) -> tuple[str, bytes]:
 
 @pytest.mark.uring
 @pytest.mark.parametrize(
-    ("disable", "expected"),
+    ("disable", "expected", "accepts"),
     [
-        (set(), "multishot recv"),
-        ({"multishot_recv"}, "one-shot recv"),
-        ({"buffer_ring", "multishot_recv"}, "asyncio proactor transports"),
+        (set(), "multishot recv", 1),  # one armed multishot accept
+        ({"multishot_recv"}, "one-shot recv", 1),
+        ({"multishot_accept"}, "multishot recv", _server.ACCEPTS_IN_FLIGHT),
+        ({"buffer_ring"}, "asyncio proactor transports", _server.ACCEPTS_IN_FLIGHT),
     ],
 )
-async def test_uring_engine_falls_back_feature_by_feature(disable: set[str], expected: str) -> None:
-    name, echoed = await asyncio.get_running_loop().run_in_executor(
+async def test_uring_engine_falls_back_feature_by_feature(
+    disable: set[str], expected: str, accepts: int
+) -> None:
+    name, echoed, armed = await asyncio.get_running_loop().run_in_executor(
         None, _serve_on_uring_loop, disable
     )
     assert expected in name
     assert echoed != b"corrupt"
+    assert armed == accepts  # multishot: one armed accept; else one future per accept
