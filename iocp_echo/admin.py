@@ -29,19 +29,25 @@ import logging
 import re
 import sys
 import time
+import typing
 import urllib.parse
+import weakref
 from typing import Any
 
 from . import introspection
+from ._logflood import LogLimiter
 from .errors import os_error_code
-from .server import EchoServer
+from .server import EchoServer, serve
 
 __all__ = [
     "DEFAULT_OPERATIONS_LIMIT",
     "DEFAULT_REQUEST_TIMEOUT",
     "DEFAULT_STUCK_AFTER",
     "MAX_OPERATIONS_LIMIT",
+    "STUCK_LOG_BURST",
+    "STUCK_LOG_INTERVAL",
     "AdminEndpoint",
+    "flush_stats_log",
     "log_stats",
     "start_admin",
     "summary_line",
@@ -56,6 +62,16 @@ DEFAULT_REQUEST_TIMEOUT = 5.0
 DEFAULT_OPERATIONS_LIMIT = 100
 MAX_OPERATIONS_LIMIT = 1000
 _MAX_REQUEST_HEAD = 8192
+#: Stuck-operation warnings logged as they are, per operation kind, per interval; the rest
+#: of the interval's are counted and summarised (see :func:`log_stats`).
+STUCK_LOG_BURST = 10
+STUCK_LOG_INTERVAL = 60.0
+#: One log-limiter kind per operation kind (a small fixed set, as LogLimiter wants).
+_STUCK_KINDS: dict[str, str] = {
+    kind: f"stuck {kind}" for kind in typing.get_args(introspection.Kind)
+}
+#: Each server's stuck-warning limiter, kept from one report to the next.
+_stuck_limiters: weakref.WeakKeyDictionary[EchoServer, LogLimiter] = weakref.WeakKeyDictionary()
 
 # A loopback name, with an optional port: what a browser sends only for a page it loaded
 # from this machine itself, never for a page from a rebinding domain.
@@ -76,29 +92,60 @@ def summary_line(server: EchoServer) -> str:
     )
 
 
-def log_stats(server: EchoServer, stuck_after: float = DEFAULT_STUCK_AFTER) -> None:
-    """Log the summary at INFO and one WARNING per operation older than *stuck_after* s.
+def log_stats(
+    server: EchoServer,
+    stuck_after: float = DEFAULT_STUCK_AFTER,
+    *,
+    limiter: LogLimiter | None = None,
+) -> None:
+    """Log the summary at INFO, with how many operations are older than *stuck_after* s, and
+    a WARNING naming each of them, rate-limited.
 
     An accept waits for the next client and a read for the client's next byte, so on an idle
     server those grow old harmlessly; the warning still names them, since "nothing arrived
-    for N seconds" is what a person asking about stuck I/O wants to see.
+    for N seconds" is what a person asking about stuck I/O wants to see.  But 3,000 idle
+    clients are 3,000 stuck reads at every report, so the warnings go through a
+    :class:`~iocp_echo._logflood.LogLimiter`, one kind per operation kind: at most
+    :data:`STUCK_LOG_BURST` lines per kind per :data:`STUCK_LOG_INTERVAL` seconds (the
+    oldest operations first), then one summary line per kind counting the rest by state.
+    Each server keeps its own *limiter* across calls unless one is given.
     """
-    logger.info("%s", summary_line(server))
+    if limiter is None:
+        limiter = _stuck_limiters.get(server)
+        if limiter is None:
+            limiter = _stuck_limiters[server] = LogLimiter(
+                logger, burst=STUCK_LOG_BURST, interval=STUCK_LOG_INTERVAL
+            )
+    limiter.flush()  # the summaries of kinds whose interval is over
+    line = summary_line(server)
     try:
         operations = server.pending_operations()
     except introspection.IntrospectionUnavailable:
+        logger.info("%s", line)
         return
-    for op in operations:
-        if op.age > stuck_after:
-            logger.warning(
-                "%s operation pending for %.1f s (%s, %s bytes) on fd %s, peer %s",
-                op.kind,
-                op.age,
-                op.state,
-                op.nbytes,
-                op.fileno,
-                _format_address(op.peer) if op.peer else "-",
-            )
+    stuck = [op for op in operations if op.age > stuck_after]
+    logger.info("%s | %d older than %s s", line, len(stuck), f"{stuck_after:g}")
+    for op in stuck:  # oldest first
+        limiter.log(
+            _STUCK_KINDS.get(op.kind, "stuck operation"),
+            logging.WARNING,
+            "%s operation pending for %.1f s (%s, %s bytes) on fd %s, peer %s",
+            op.kind,
+            op.age,
+            op.state,
+            op.nbytes,
+            op.fileno,
+            _format_address(op.peer) if op.peer else "-",
+            error_class=op.state,
+        )
+
+
+def flush_stats_log(server: EchoServer) -> None:
+    """Log now the summaries of stuck-operation warnings :func:`log_stats` held back for
+    *server* (for when it closes: otherwise they wait for the end of their interval)."""
+    limiter = _stuck_limiters.get(server)
+    if limiter is not None:
+        limiter.flush(force=True)
 
 
 class _Refusal(Exception):
@@ -116,56 +163,61 @@ class AdminEndpoint:
     ``GET /`` answers with the server's description, its ``stats()``, and its
     :data:`DEFAULT_OPERATIONS_LIMIT` oldest pending operations; ``GET /?limit=N`` with up to
     N (0 to :data:`MAX_OPERATIONS_LIMIT`).  ``operations_total`` says how many there were.
+
+    It accepts through iocp_echo's own accept loop (:func:`iocp_echo.serve`), not
+    ``loop.create_server()``: a client that resets before its accept completes costs that
+    connection, never the endpoint's listening socket (CPython gh-93821).
     """
 
     def __init__(self, server: EchoServer, request_timeout: float) -> None:
         self._server = server
         self._timeout = request_timeout
-        self._listener: asyncio.Server | None = None
-        self._handlers: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        self._listener: EchoServer | None = None
+        self._requests: set[_Request] = set()
         self._closing = False
 
     async def _start(self, port: int) -> None:
-        self._listener = await asyncio.start_server(
-            self._handle, "127.0.0.1", port, limit=_MAX_REQUEST_HEAD
+        self._listener = await serve(
+            lambda: _Request(self),
+            "127.0.0.1",
+            port,
+            max_read=_MAX_REQUEST_HEAD,
+            shutdown_timeout=self._timeout,
         )
 
     @property
     def sockets(self) -> tuple[Any, ...]:
-        """The listening socket(s), as ``asyncio.Server.sockets``."""
-        return () if self._listener is None else tuple(self._listener.sockets)
+        """The listening socket(s).  They belong to the endpoint: do not close them."""
+        return () if self._listener is None else self._listener.sockets
 
     @property
     def port(self) -> int:
-        return int(self.sockets[0].getsockname()[1])
+        assert self._listener is not None
+        return self._listener.port
 
     @property
     def connections(self) -> int:
         """Requests in progress: at most one request timeout old each."""
-        return len(self._handlers)
+        return len(self._requests)
 
     def close(self) -> None:
         """Stop accepting, and drop every request in progress."""
         self._closing = True
+        for request in list(self._requests):
+            request.drop()
         if self._listener is not None:
             self._listener.close()
-        # Aborting (not cancelling the handler: 3.11's streams log a cancelled handler as an
-        # error) fails the handler's read or write at once, and it returns.
-        for writer in self._handlers.values():
-            writer.transport.abort()
 
     async def wait_closed(self) -> None:
         """Wait, at most one request timeout, until no connection of the endpoint remains."""
         try:
             async with asyncio.timeout(self._timeout):
-                if self._handlers:
-                    await asyncio.wait(set(self._handlers))
                 if self._listener is not None:
                     await self._listener.wait_closed()
         except TimeoutError:
             logger.warning(
                 "admin endpoint still had %d connection(s) %.1f s after closing; not waiting",
-                len(self._handlers),
+                len(self._requests),
                 self._timeout,
             )
 
@@ -175,49 +227,6 @@ class AdminEndpoint:
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
         await self.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if self._closing or task is None:
-            writer.transport.abort()
-            return
-        self._handlers[task] = writer
-        peer = writer.get_extra_info("peername")
-        try:
-            async with asyncio.timeout(self._timeout):
-                head = await reader.readuntil(b"\r\n\r\n")
-                status, headers = "200 OK", tuple[str, ...]()
-                try:
-                    body = await self._answer(head)
-                except _Refusal as refusal:
-                    status, headers = refusal.status, refusal.headers
-                    body = json.dumps({"error": str(refusal)}).encode()
-                writer.write(_response(status, headers, body))
-                await writer.drain()
-                writer.close()
-                await writer.wait_closed()  # the last bytes are sent, or the deadline hits
-        except TimeoutError:
-            logger.warning(
-                "admin request from %s not done within %.1f s: connection dropped",
-                _format_address(peer) if peer else "-",
-                self._timeout,
-            )
-            writer.transport.abort()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            writer.transport.abort()  # hung up early, or a request head over 8 KiB
-        except OSError as exc:
-            logger.debug(
-                "admin connection from %s failed: %s (OS error %s)",
-                _format_address(peer) if peer else "-",
-                exc,
-                os_error_code(exc),
-            )
-            writer.transport.abort()
-        except BaseException:  # cancelled, or a bug: never leave the socket open
-            writer.transport.abort()
-            raise
-        finally:
-            del self._handlers[task]
 
     async def _answer(self, head: bytes) -> bytes:
         """The JSON body for a request *head*, or :class:`_Refusal`."""
@@ -280,6 +289,99 @@ class AdminEndpoint:
         document["operations_total"] = len(operations)
         document["time"] = time.monotonic()
         return document
+
+
+class _Request(asyncio.Protocol):
+    """One admin connection: read a request head, answer it, close; all of it within one
+    deadline, which aborts the connection when it passes."""
+
+    def __init__(self, endpoint: AdminEndpoint) -> None:
+        self._endpoint = endpoint
+        self._transport: asyncio.Transport | None = None
+        self._peer: Any = None
+        self._head = bytearray()
+        self._deadline: asyncio.TimerHandle | None = None
+        self._answering: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._peer = transport.get_extra_info("peername")
+        endpoint = self._endpoint
+        if endpoint._closing:
+            transport.abort()
+            return
+        endpoint._requests.add(self)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(endpoint._timeout, self._expired)
+
+    def data_received(self, data: bytes) -> None:
+        if self._answering is not None:
+            return  # anything after the head is not read: GET has no body
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0 or end + 4 > _MAX_REQUEST_HEAD:
+            if len(self._head) > _MAX_REQUEST_HEAD:
+                self.drop()  # a request head over 8 KiB
+            return
+        assert self._transport is not None
+        self._transport.pause_reading()
+        head = bytes(self._head[: end + 4])
+        self._answering = asyncio.get_running_loop().create_task(self._answer(head))
+
+    def eof_received(self) -> bool:
+        if self._answering is None:
+            self.drop()  # hung up before the request was complete
+        return True  # a complete request is still answered
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._answering is not None and not self._answering.done():
+            self._answering.cancel()
+        self._endpoint._requests.discard(self)
+        if exc is not None:
+            logger.debug(
+                "admin connection from %s failed: %s (OS error %s)",
+                _format_address(self._peer) if self._peer else "-",
+                exc,
+                os_error_code(exc) if isinstance(exc, OSError) else None,
+            )
+
+    def drop(self) -> None:
+        """Abort the connection: whatever is unsent is discarded."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _expired(self) -> None:
+        self._deadline = None
+        logger.warning(
+            "admin request from %s not done within %.1f s: connection dropped",
+            _format_address(self._peer) if self._peer else "-",
+            self._endpoint._timeout,
+        )
+        self.drop()
+
+    async def _answer(self, head: bytes) -> None:
+        transport = self._transport
+        assert transport is not None
+        status, headers = "200 OK", tuple[str, ...]()
+        try:
+            body = await self._endpoint._answer(head)
+        except _Refusal as refusal:
+            status, headers = refusal.status, refusal.headers
+            body = json.dumps({"error": str(refusal)}).encode()
+        except asyncio.CancelledError:
+            raise  # the connection is gone
+        except Exception:
+            logger.exception("admin request from %s failed", _format_address(self._peer))
+            self.drop()
+            return
+        if transport.is_closing():
+            return
+        transport.write(_response(status, headers, body))
+        transport.close()  # once the answer is sent (or the deadline drops it)
 
 
 def _format_address(address: Any) -> str:

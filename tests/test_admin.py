@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 
 import iocp_echo
 from iocp_echo import admin, inspector
+from iocp_echo._logflood import LogLimiter
 from iocp_echo.introspection import PendingOperation
 
 from .helpers import connect, recv_until_eof, wait_until
@@ -172,6 +174,87 @@ async def test_other_requests_get_an_error(
     async with await admin.start_admin(server, 0) as endpoint:
         answer = await request(endpoint.port, head)
     assert answer[0] == status and list(answer[1]) == ["error"]
+
+
+def fake_stuck(reads: int, accepts: int = 0) -> list[PendingOperation]:
+    """*accepts* accepts and *reads* reads, about 100 s old, oldest first (read fd 1000 first)."""
+    return [
+        PendingOperation("accept", "pending", 100, ("127.0.0.1", 9000), None, 0, 0.0, 100.0)
+        for _ in range(accepts)
+    ] + [
+        PendingOperation(
+            "recv",
+            "pending",
+            1000 + i,
+            ("127.0.0.1", 9000),
+            ("127.0.0.1", 20000 + i),
+            65535,
+            float(i),
+            100.0 - i / 1000,
+        )
+        for i in range(reads)
+    ]
+
+
+@pytest.mark.backend
+async def test_stuck_warnings_are_rate_limited_per_kind_with_a_summary(
+    server: iocp_echo.EchoServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tracker issue 9 item 5b: 3,000 idle clients made one WARNING each per report (11,919
+    lines in 8 s).  Now: at most a burst per operation kind per interval, the oldest first,
+    the count in the INFO line every time, and one summary of the rest per kind."""
+    now = [1000.0]
+    limiter = LogLimiter(
+        logging.getLogger("iocp_echo.admin"),
+        burst=admin.STUCK_LOG_BURST,
+        interval=admin.STUCK_LOG_INTERVAL,
+        clock=lambda: now[0],
+    )
+    monkeypatch.setattr(server, "pending_operations", lambda: fake_stuck(3000, accepts=4))
+    caplog.clear()
+    for _ in range(5):  # five reports within one interval
+        admin.log_stats(server, stuck_after=30, limiter=limiter)
+        now[0] += 2
+    records = [r for r in caplog.records if r.name == "iocp_echo.admin"]
+    infos = [r.getMessage() for r in records if r.levelno == logging.INFO]
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(infos) == 5 and all(line.endswith("| 3004 older than 30 s") for line in infos)
+    reads = [w for w in warnings if w.startswith("recv operation pending")]
+    accepts = [w for w in warnings if w.startswith("accept operation pending")]
+    assert len(reads) == admin.STUCK_LOG_BURST  # not 15,000
+    assert [w.split(" on fd ")[1].split(",")[0] for w in reads] == [
+        str(1000 + i) for i in range(admin.STUCK_LOG_BURST)
+    ]  # the oldest
+    assert len(accepts) == admin.STUCK_LOG_BURST  # the reads did not use up the accepts' lines
+    assert len(warnings) == 2 * admin.STUCK_LOG_BURST
+    caplog.clear()
+    now[0] += admin.STUCK_LOG_INTERVAL  # the interval is over: the next report summarises
+    admin.log_stats(server, stuck_after=30, limiter=limiter)
+    summaries = [r for r in caplog.records if r.getMessage().startswith("suppressed")]
+    assert sorted(r.logflood_kind for r in summaries) == ["stuck accept", "stuck recv"]  # type: ignore[attr-defined]
+    by_kind = {r.logflood_kind: r.logflood_suppressed for r in summaries}  # type: ignore[attr-defined]
+    assert by_kind == {"stuck recv": 5 * 3000 - 10, "stuck accept": 5 * 4 - 10}
+    assert all(r.levelno == logging.WARNING for r in summaries)
+    new_reads = [r for r in caplog.records if r.getMessage().startswith("recv operation pending")]
+    assert len(new_reads) == admin.STUCK_LOG_BURST  # a new interval, a new burst
+
+
+@pytest.mark.backend
+async def test_each_server_keeps_its_stuck_warning_limit_across_reports(
+    server: iocp_echo.EchoServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the CLI calls: ``log_stats(server, stuck_after)`` every --stats-every seconds."""
+    monkeypatch.setattr(server, "pending_operations", lambda: fake_stuck(3000))
+    caplog.clear()
+    for _ in range(4):
+        admin.log_stats(server, stuck_after=30)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == admin.STUCK_LOG_BURST
+    caplog.clear()
+    admin.flush_stats_log(server)  # closing: what was held back is summarised now
+    [summary] = [r for r in caplog.records if r.name == "iocp_echo.admin"]
+    assert summary.logflood_suppressed == 4 * 3000 - admin.STUCK_LOG_BURST  # type: ignore[attr-defined]
+    assert "pending=11,990" in summary.getMessage()
 
 
 async def open_stuck_client(

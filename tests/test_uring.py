@@ -165,21 +165,46 @@ def test_cancel_racing_completion_is_harmless(small_loop: asyncio.AbstractEventL
 
 
 def test_closing_sockets_with_operations_in_flight(small_loop: asyncio.AbstractEventLoop) -> None:
+    """A read in flight holds the kernel's reference to its socket: closing the descriptor
+    alone does not end the connection.  Cancelled, then closed (what a transport does), the
+    socket is really gone once the cancel completes: its peer reads an end of file."""
     proactor = small_loop._proactor  # type: ignore[attr-defined]
     pairs = _pairs(10)
-    fds_before = len(os.listdir("/proc/self/fd"))
 
     async def scenario() -> None:
         futures = [proactor.recv(a, 100) for a, _ in pairs]
-        await asyncio.sleep(0)
-        for future, (a, b) in zip(futures, pairs, strict=True):
-            future.cancel()  # what a transport does before closing its socket
+        await asyncio.sleep(0)  # in the kernel
+        for future, (a, _) in zip(futures, pairs, strict=True):
+            future.cancel()
             a.close()
-            b.close()
         await wait_until(lambda: _in_flight(small_loop) == 1, timeout=5)
+        for _, b in pairs:
+            assert await asyncio.wait_for(proactor.recv(b, 100), 5) == b""
 
     small_loop.run_until_complete(scenario())
-    assert len(os.listdir("/proc/self/fd")) <= fds_before - 20
+    for _, b in pairs:
+        b.close()
+
+
+def test_a_closed_socket_with_a_read_in_flight_stays_open_until_the_read_ends(
+    small_loop: asyncio.AbstractEventLoop,
+) -> None:
+    """The control for the test above: without the cancel, closing the descriptor leaves the
+    connection open (the kernel's read still holds it), so the peer's end of file there is
+    the cancel's doing, not the close's."""
+    proactor = small_loop._proactor  # type: ignore[attr-defined]
+    a, b = _pairs(1)[0]
+
+    async def scenario() -> None:
+        reading = proactor.recv(a, 100)
+        await asyncio.sleep(0)  # in the kernel
+        a.close()
+        b.send(b"still read")  # by the read in flight, through the closed descriptor
+        assert await asyncio.wait_for(reading, 5) == b"still read"
+        assert await asyncio.wait_for(proactor.recv(b, 100), 5) == b""  # now it is gone
+
+    small_loop.run_until_complete(scenario())
+    b.close()
 
 
 def test_close_cancels_and_drains_everything_in_flight() -> None:
@@ -193,11 +218,15 @@ def test_close_cancels_and_drains_everything_in_flight() -> None:
         return futures
 
     futures = loop.run_until_complete(issue())
+    abandoned = len(_uring.proactor._abandoned)
     started = time.monotonic()
     loop.close()
     assert time.monotonic() - started < 5
     assert proactor.operations() == []
     assert all(f.cancelled() for f in futures)
+    # Every operation came back from the kernel before the ring closed: none was abandoned
+    # (kept, with its buffer, for the life of the process).
+    assert len(_uring.proactor._abandoned) == abandoned
     for a, b in pairs:
         a.close()
         b.close()
@@ -715,3 +744,52 @@ def test_loop_made_in_one_thread_runs_in_another() -> None:
     assert results == [b"across threads"]
     a.close()
     b.close()
+
+
+# -- issue 9 item 12: behaviours no test used to hold --------------------------------------------
+
+
+def test_an_accept_completing_after_its_cancel_has_its_descriptor_closed(
+    small_loop: asyncio.AbstractEventLoop,
+) -> None:
+    """The accept is cancelled after the kernel accepted a connection but before its CQE was
+    reaped: nobody will take the descriptor in that CQE, so the proactor closes it; otherwise
+    the client would stay connected to nothing."""
+    proactor_ = small_loop._proactor  # type: ignore[attr-defined]
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    accepting = proactor_.accept(listener)
+    proactor_.select(0)  # submitted: the kernel waits for a connection
+    client = socket.create_connection(listener.getsockname(), timeout=10)
+    proactor_.ring.enter(True, 5.0)  # the kernel completes the accept; the CQE is not reaped
+    accepting.cancel()  # too late for the kernel: its ASYNC_CANCEL will find nothing
+    assert [op.state for op in proactor_.operations()] == ["cancelling"]
+    for _ in range(100):
+        proactor_.select(0.05)
+        if not proactor_.operations():
+            break
+    assert proactor_.operations() == []
+    assert accepting.cancelled()
+    client.settimeout(10)
+    assert client.recv(10) == b""  # the server's end was closed
+    client.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("mode", ["defer_taskrun", "coop_taskrun", "plain"])
+def test_one_reap_takes_the_completions_the_kernel_kept_in_overflow(mode: str) -> None:
+    """40 completions for a 16-entry completion ring: the kernel keeps 24 in its overflow list
+    (FEAT_NODROP) and flags it; one reap() must bring them in too, not leave them waiting for
+    some later io_uring_enter."""
+    ring = _uring.ring.Ring(4, setup_modes=[mode])
+    try:
+        assert ring.cq_entries == 16
+        for index in range(40):
+            if ring.space() == 0:
+                ring.enter(False, None)  # submitted, never reaped
+            ring.push(abi.IORING_OP_NOP, -1, user_data=index)
+        ring.enter(False, None)
+        assert ring._sq_flags.value & abi.IORING_SQ_CQ_OVERFLOW  # the kernel overflowed
+        assert ring.reap() == [(index, 0, 0) for index in range(40)]
+    finally:
+        ring.close()

@@ -27,6 +27,17 @@ and its record (and the buffer it pins) stays until its CQE arrives.  Before eve
 unsubmitted operation whose socket was closed is neutralized too and fails with EBADF: the SQE
 holds a descriptor *number*, resolved at submission, which may by then name another socket.
 
+*Accepts never fail for a client's doing.*  asyncio's proactor accept loop closes its listening
+socket when one accept future fails (CPython gh-93821), so a client must not be able to fail
+one.  A connection reset while it waited in the backlog is still returned by the kernel's
+accept, but ``getpeername()`` on it fails with ENOTCONN: the ``ACCEPT`` is therefore given a
+sockaddr buffer, which the kernel fills in whatever the connection's state (and which saves a
+system call per accept).  The errors accept(2) documents for the pending connection alone
+(ECONNABORTED, EPROTO, the network-down family), and a ``getpeername()`` fallback failing,
+submit the accept again under a new tag, for the same future
+(:attr:`UringProactor.accepts_retried` counts them).  asyncio's transports must then also be
+able to close a reset connection's socket: see :class:`_AcceptedSocket`.
+
 *Partial sends.*  A stream ``SEND`` may take part of the bytes.  The future completes only when
 all are sent: the rest is resubmitted from the same pinned buffer under a new tag.
 
@@ -63,6 +74,7 @@ import errno
 import os
 import re
 import socket
+import sys
 import time
 from asyncio import proactor_events
 from collections.abc import Callable, Collection, Iterable
@@ -108,6 +120,27 @@ _EXCEPTIONS: Final[dict[int, type[OSError]]] = {
     errno.EPIPE: BrokenPipeError,
     errno.ECONNABORTED: ConnectionAbortedError,
 }
+#: Accept errors about the one connection being accepted, never about the listener (see the
+#: design note): the accept is submitted again.  Errors a listener causes itself (EINVAL,
+#: EOPNOTSUPP, EBADF) and resource limits (EMFILE, ENOBUFS) are not here: retrying those at
+#: once would spin, so they reach the caller.
+_ACCEPT_AGAIN: Final = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.ECONNRESET,
+        errno.ENOTCONN,
+        errno.EPROTO,
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.EHOSTDOWN,
+        errno.EHOSTUNREACH,
+        errno.ENONET,
+    }
+)
+#: An accept's address buffer: a ``struct sockaddr_storage``, then the ``socklen_t`` the
+#: kernel reads (its size) and writes (the address's length).
+_SOCKADDR_SIZE: Final = 128
+_SOCKLEN = ctypes.c_uint32
 
 #: Operations the kernel never returned before their ring closed (kept alive for good).
 _abandoned: list[object] = []
@@ -186,6 +219,7 @@ class _Operation:
         "length",
         "nbytes",
         "obj",
+        "off",
         "op_flags",
         "opcode",
         "slot",
@@ -194,6 +228,7 @@ class _Operation:
     opcode: int
     addr: int
     length: int
+    off: int
     op_flags: int
 
     def __init__(
@@ -286,6 +321,8 @@ class UringProactor:
         self._deferred: list[tuple[int, int, int]] = []
         self._next = 1
         self._closing = False
+        #: Accepts submitted again because their connection was gone (see the design note).
+        self.accepts_retried = 0
 
     @staticmethod
     def _probe_capabilities(ring: Ring, disable: Collection[str]) -> UringCapabilities:
@@ -449,18 +486,37 @@ class UringProactor:
         )
 
     def accept(self, listener: socket.socket) -> asyncio.Future[Any]:
+        """Accept one connection: ``(socket, peer address)``.  The future fails only for the
+        listener's own errors, never for a client's (see the design note): a connection reset
+        in the backlog is returned, with its address, and its first read reports the reset; a
+        connection the kernel cannot return is skipped and the next one accepted."""
+        address = ctypes.create_string_buffer(_SOCKADDR_SIZE + ctypes.sizeof(_SOCKLEN))
+        where = ctypes.addressof(address)
+
         def finish(fd: int) -> tuple[socket.socket, Any]:
-            conn = socket.socket(listener.family, socket.SOCK_STREAM, fileno=fd)
+            conn = _AcceptedSocket(listener.family, socket.SOCK_STREAM, fileno=fd)
             conn.setblocking(False)  # as the fd already is (SOCK_NONBLOCK): tell Python
-            try:
-                return conn, conn.getpeername()
-            except OSError:
-                conn.close()
-                raise
+            peer = _peer_address(address)
+            if peer is None:  # a family decoded here only by Python (AF_UNIX...)
+                try:
+                    peer = conn.getpeername()
+                except OSError:
+                    conn.close()
+                    raise
+            return conn, peer
 
         flags = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
         return self._submit(
-            "accept", listener, 0, None, abi.IORING_OP_ACCEPT, 0, 0, flags, finish=finish
+            "accept",
+            listener,
+            0,
+            address,
+            abi.IORING_OP_ACCEPT,
+            where,
+            0,
+            flags,
+            finish=finish,
+            off=where + _SOCKADDR_SIZE,
         )
 
     def connect(self, conn: socket.socket, address: Any) -> asyncio.Future[Any]:
@@ -675,6 +731,7 @@ class UringProactor:
         length: int,
         op_flags: int,
         finish: Callable[[int], Any] | None = None,
+        off: int = 0,
     ) -> _UringFuture:
         ring = self._ring
         if ring is None or self._closing:
@@ -689,13 +746,15 @@ class UringProactor:
         future._user_data = user_data
         operation = _Operation(future, kind, obj, nbytes, buffer, finish)
         operation.opcode, operation.addr = opcode, addr
-        operation.length, operation.op_flags = length, op_flags
+        operation.length, operation.op_flags, operation.off = length, op_flags, off
+        if off:
+            _SOCKLEN.from_buffer(buffer, _SOCKADDR_SIZE).value = _SOCKADDR_SIZE
         if self._cancels:
             self._flush_cancels()
         if ring.space() < 1:
             self._make_room()
         operation.slot = ring.push(
-            opcode, fd, addr=addr, length=length, op_flags=op_flags, user_data=user_data
+            opcode, fd, addr=addr, length=length, off=off, op_flags=op_flags, user_data=user_data
         )
         self._ops[user_data] = operation
         self._unsubmitted[user_data] = operation
@@ -757,6 +816,33 @@ class UringProactor:
         )
         self._ops[user_data] = operation
         self._unsubmitted[user_data] = operation
+
+    def _accept_again(self, operation: _Operation) -> bool:
+        """An accept whose connection was gone: submit it again under a new tag, for the same
+        future.  False when it cannot be (the listener is closed, the proactor closing)."""
+        fd = operation.obj.fileno()
+        if fd < 0 or self._closing:
+            return False
+        self.accepts_retried += 1
+        _SOCKLEN.from_buffer(operation.buffer, _SOCKADDR_SIZE).value = _SOCKADDR_SIZE
+        user_data = self._next
+        self._next += 1
+        operation.future._user_data = user_data
+        ring = self.ring
+        if ring.space() < 1:
+            self._make_room()
+        operation.slot = ring.push(
+            operation.opcode,
+            fd,
+            addr=operation.addr,
+            length=operation.length,
+            off=operation.off,
+            op_flags=operation.op_flags,
+            user_data=user_data,
+        )
+        self._ops[user_data] = operation
+        self._unsubmitted[user_data] = operation
+        return True
 
     def _cancel(self, user_data: int) -> None:
         """A future operation's cancellation (see the design note)."""
@@ -831,7 +917,11 @@ class UringProactor:
             code = -result
             if code == errno.ECANCELED:
                 future.cancel()
-            else:
+            elif not (
+                operation.kind == "accept"
+                and code in _ACCEPT_AGAIN
+                and self._accept_again(operation)
+            ):
                 future.set_exception(_EXCEPTIONS.get(code, OSError)(code, os.strerror(code)))
             return
         if operation.opcode == abi.IORING_OP_SEND:
@@ -843,9 +933,53 @@ class UringProactor:
         try:
             value = operation.finish(result) if operation.finish else result
         except OSError as exc:
-            future.set_exception(exc)
+            if not (
+                operation.kind == "accept"
+                and exc.errno in _ACCEPT_AGAIN
+                and self._accept_again(operation)
+            ):
+                future.set_exception(exc)
         else:
             future.set_result(value)
+
+
+class _AcceptedSocket(socket.socket):
+    """An accepted connection, whose full shutdown succeeds when the peer has reset it.
+
+    asyncio's proactor transports call ``shutdown(SHUT_RDWR)`` before closing their socket,
+    unguarded.  Linux fails it with ENOTCONN for a connection the peer reset (Windows does
+    not), and the exception skips the rest: the socket stays open, the loop's exception
+    handler gets an error, and (3.12+) ``Server.wait_closed()`` waits for it for ever, for
+    every client that resets.  A connection the peer reset has
+    nothing left to shut down, so that one error is not raised; any other error, and any
+    other kind of shutdown (``SHUT_WR`` for ``write_eof()``), is.
+    """
+
+    __slots__ = ()
+
+    def shutdown(self, how: int) -> None:
+        try:
+            super().shutdown(how)
+        except OSError as exc:
+            if how != socket.SHUT_RDWR or exc.errno != errno.ENOTCONN:
+                raise
+
+
+def _peer_address(address: ctypes.Array[ctypes.c_char]) -> Any:
+    """The peer address an ``ACCEPT`` wrote into *address*, as ``getpeername()`` gives it
+    (``(host, port)``; ``(host, port, flowinfo, scope_id)`` for IPv6), or None for a family
+    other than those two."""
+    raw = address.raw
+    length = int.from_bytes(raw[_SOCKADDR_SIZE : _SOCKADDR_SIZE + 4], sys.byteorder)
+    family = int.from_bytes(raw[:2], sys.byteorder)
+    port = int.from_bytes(raw[2:4], "big")
+    if family == socket.AF_INET and length >= 16:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    if family == socket.AF_INET6 and length >= 28:
+        flowinfo = int.from_bytes(raw[4:8], "big")
+        scope_id = int.from_bytes(raw[24:28], sys.byteorder)
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope_id
+    return None
 
 
 class UringEventLoop(proactor_events.BaseProactorEventLoop):
