@@ -120,6 +120,8 @@ def _order(record: dict[str, Any]) -> tuple[int, int]:
 
 
 def markdown(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:
+    scaling = [r for r in records if r["mode"] == "workers"]
+    records = [r for r in records if r["mode"] != "workers"]
     lines = header(records, machine)
     lines += startup(records)
     lines += headline(records)
@@ -130,6 +132,7 @@ def markdown(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:
     for platform_name, _, where in PLATFORMS:
         lines += ratio_table(records, platform_name, where)
     lines += headroom(records)
+    lines += workers_table(scaling, machine)
     return "\n".join(lines) + "\n"
 
 
@@ -450,4 +453,56 @@ def headroom(records: list[dict[str, Any]]) -> list[str]:
             *lines[:-3],
             "Not shown: this run measured no point both natively by Go and under Wine.",
         ]
+    return [*lines, ""]
+
+
+def workers_table(records: list[dict[str, Any]], machine: dict[str, Any]) -> list[str]:
+    """The workers run (``--modes workers``): 1 vs 2 worker processes, and req/s per core."""
+    if not records:
+        return []
+    cpus = machine.get("cpus")
+    lines = [
+        "## Worker processes: 1 vs 2",
+        "",
+        f"iocp_echo with `--workers 1` (one process) and `--workers 2`, 1 KiB echo. This "
+        f"machine has {_fmt(cpus)} cores and the load generator runs on them too (server and "
+        "client both unpinned here), so the 2-worker figure is what is left of the machine "
+        "once the client has taken its share, not what 2 workers reach on 2 free cores. "
+        "*Server cores* is the server's CPU time over the session (every worker and the "
+        "supervisor; under Wine the wineserver too, which does every Wine process's socket "
+        "work) divided by its length; *req/s per server core* divides the throughput by it: "
+        "the figure to multiply by the cores a larger machine gives the workers, as long as "
+        "the clients and the kernel keep up.",
+        "",
+        "| platform | conns | workers | req/s | p99 µs | server cores | req/s per server core "
+        "| client cores | 2 ÷ 1 | runs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ordered = sorted(
+        records,
+        key=lambda r: (
+            [name for name, _, _ in PLATFORMS].index(r["platform"]),
+            r["concurrency"],
+            r["workers"],
+        ),
+    )
+    for r in ordered:
+        one = next(
+            (
+                o
+                for o in records
+                if o["platform"] == r["platform"]
+                and o["concurrency"] == r["concurrency"]
+                and o["workers"] == 1
+            ),
+            None,
+        )
+        gain = stats.ratio(r.get("rps"), one.get("rps")) if one and r["workers"] != 1 else None
+        where = next(title for name, title, _ in PLATFORMS if name == r["platform"])
+        lines.append(
+            f"| {where} | {_fmt(r['concurrency'])} | {r['workers']} | {_fmt(r.get('rps'))} "
+            f"| {_fmt(r.get('p99_us'))} | {_fmt(r.get('server_cores'), 2)} "
+            f"| {_fmt(r.get('rps_per_server_core'))} | {_fmt(r.get('client_cpu'), 2)} "
+            f"| {_fmt(gain, 2) + '×' if gain else '–'} | {_fmt(r.get('repeats'))} |"
+        )
     return [*lines, ""]

@@ -49,6 +49,8 @@ from typing import IO, Any
 
 from . import report, stats
 
+Point = tuple[int, int]  # (message size, connections)
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import winpy  # noqa: E402
@@ -63,6 +65,13 @@ CEILINGS = ROOT.parent / "shared" / "reference" / "ceilings"
 CALLCOUNT = "benchmarks/servers/callcount.py"
 SERVER_CPU, CLIENT_CPU = {1}, {0}
 ALL_MODES = frozenset({"echo", "churn", "idle", "calls"})
+#: Modes run only when asked for (``--modes workers``): not part of the default plan.
+EXTRA_MODES = frozenset({"workers"})
+#: The workers run: iocp_echo with 1 and with 2 worker processes at these points, server and
+#: client both free to use every core (pinning the server to one core would defeat workers).
+WORKER_COUNTS = (1, 2)
+WORKER_POINTS: tuple[Point, ...] = ((1024, 100), (1024, 1000))
+WORKER_NUMERIC = ("server_cores", "rps_per_server_core")
 #: How long to let a server finish what it was doing before a profiling window opens or
 #: closes (the last echoes' send completions, a settling accept queue).
 SETTLE = 0.3
@@ -79,8 +88,6 @@ NUMERIC = (
     "client_cpu",
     "failures",
 )
-
-Point = tuple[int, int]  # (message size, connections)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,7 +386,9 @@ class Lines:
 class Running:
     """A started server, listening and answering; ``control_port`` wraps it in callcount.py."""
 
-    def __init__(self, server: Server, control_port: int | None = None) -> None:
+    def __init__(
+        self, server: Server, control_port: int | None = None, cpus: set[int] = SERVER_CPU
+    ) -> None:
         self.server = server
         self.port = _free_port()
         argv, env = _argv(server, self.port, control_port)
@@ -390,7 +399,7 @@ class Running:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            preexec_fn=_prepare(SERVER_CPU),
+            preexec_fn=_prepare(cpus),
         )
         assert self.process.stdout is not None and self.process.stderr is not None
         self.stdout = Lines(self.process.stdout, keep=5)
@@ -453,13 +462,13 @@ class Running:
         self.process.wait(15)
 
 
-def loadgen(port: int, *args: str) -> dict[str, Any]:
+def loadgen(port: int, *args: str, cpus: set[int] = CLIENT_CPU) -> dict[str, Any]:
     result = subprocess.run(
         [str(BIN / "loadgen"), "-addr", f"127.0.0.1:{port}", *args],
         capture_output=True,
         text=True,
         timeout=600,
-        preexec_fn=_prepare(CLIENT_CPU),
+        preexec_fn=_prepare(cpus),
         check=True,
     )
     raw: dict[str, Any] = json.loads(result.stdout)
@@ -756,6 +765,127 @@ def run_server(
     return records + [record | log for record in session]
 
 
+def _wine_workers() -> set[int]:
+    """Unix pids of running Wine worker processes: Wine starts a Windows child process
+    detached (its Unix parent is init), so workers are not the server's descendants."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"_workers_child" in (entry / "cmdline").read_bytes():
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _cpu_seconds(pid: int, wine: bool, foreign: set[int]) -> float:
+    """CPU time used so far by the server's processes: its process tree, and under Wine its
+    worker processes (those not in *foreign*, the ones running before it started) and the
+    wineserver, which does the socket work of every Wine process."""
+    members = set(_descendants(pid))
+    if wine:
+        members |= _wine_workers() - foreign
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if (entry / "comm").read_text().startswith("wineserver"):
+                        members.add(int(entry.name))
+                except OSError:
+                    continue
+    ticks = 0
+    for member in members:
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def workers_server(platform_name: str, count: int) -> Server:
+    """iocp_echo with *count* worker processes (1: the default, one process serving)."""
+    kind = "py" if platform_name == "wine" else "native-py"
+    return Server(
+        f"iocp_echo --workers {count}",
+        "wine-3.13" if platform_name == "wine" else "linux-3.13",
+        platform_name,
+        (kind, "examples/echo.py", "--port", "{port}", "--workers", str(count)),
+        role="ours",
+        modes=EXTRA_MODES,
+    )
+
+
+def run_workers_round(plan: Plan, platforms: list[str], repeat: int) -> list[dict[str, Any]]:
+    """One round of the workers run: 1 vs 2 workers at WORKER_POINTS on each platform.
+
+    Server and load generator share both cores here, so the 2-worker figure is bounded by
+    the machine, not by the server; the server's CPU time over each session gives req/s
+    per server core, the figure that projects to a machine with more cores.
+    """
+    every_cpu = set(range(os.cpu_count() or 1))
+    records = []
+    counts = WORKER_COUNTS if repeat % 2 == 0 else tuple(reversed(WORKER_COUNTS))
+    for platform_name in platforms:
+        for count in counts:
+            server = workers_server(platform_name, count)
+            foreign = _wine_workers()
+            running = Running(server, cpus=every_cpu)
+            try:
+                throwaway(running, plan)
+                for size, conns in WORKER_POINTS:
+                    cpu_before, wall_before = (
+                        _cpu_seconds(running.process.pid, platform_name == "wine", foreign),
+                        time.monotonic(),
+                    )
+                    raw = loadgen(
+                        running.port,
+                        "-mode",
+                        "echo",
+                        "-conns",
+                        str(conns),
+                        "-size",
+                        str(size),
+                        "-duration",
+                        str(plan.duration),
+                        "-warmup",
+                        str(plan.warmup),
+                        cpus=every_cpu,
+                    )
+                    wall = time.monotonic() - wall_before
+                    cpu = (
+                        _cpu_seconds(running.process.pid, platform_name == "wine", foreign)
+                        - cpu_before
+                    )
+                    summary = stats.summarize(raw)
+                    cores = cpu / wall if wall > 0 else None
+                    record = {
+                        "server": server.name,
+                        "runtime": server.runtime,
+                        "platform": platform_name,
+                        "role": "ours",
+                        "mode": "workers",
+                        "workers": count,
+                        "msg_size": size,
+                        "concurrency": conns,
+                        **summary,
+                        "server_cores": cores,
+                        "rps_per_server_core": summary["rps"] / cores if cores else None,
+                    }
+                    say(
+                        _line(
+                            server,
+                            f"workers {size} B x {conns}: {record['rps']:.0f} req/s, server "
+                            f"{cores or 0:.2f} cores, client {record['client_cpu']:.2f} cores",
+                        )
+                    )
+                    records.append(record)
+                records = [r | running.log() for r in records]
+            finally:
+                running.stop()
+    return records
+
+
 def merge_repeats(raw_records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One record per server x runtime x mode x size x connections: the median of its runs."""
     grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
@@ -768,7 +898,12 @@ def merge_repeats(raw_records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             record["concurrency"],
         )
         grouped.setdefault(key, []).append(record)
-    return [stats.median_record(group, NUMERIC) for group in grouped.values()]
+    return [
+        stats.median_record(
+            group, NUMERIC + WORKER_NUMERIC if group[0]["mode"] == "workers" else NUMERIC
+        )
+        for group in grouped.values()
+    ]
 
 
 def keep_unmeasured(
@@ -793,9 +928,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes",
         default=",".join(sorted(ALL_MODES)),
-        help="comma-separated modes to run: echo, churn, idle, calls (default: all); a "
-        "partial run (fewer modes, --only or --platform) replaces only the records it "
-        "re-measures in the results folder",
+        help="comma-separated modes to run: echo, churn, idle, calls (default: all four), "
+        "and workers (1 vs 2 worker processes, only when named); a partial run (fewer modes, "
+        "--only or --platform) replaces only the records it re-measures in the results folder",
     )
     parser.add_argument(
         "--out",
@@ -807,8 +942,8 @@ def main(argv: list[str] | None = None) -> int:
     if options.repeats:
         plan.repeats = options.repeats
     modes = set(options.modes.split(","))
-    if modes - ALL_MODES:
-        parser.error(f"unknown mode(s): {', '.join(sorted(modes - ALL_MODES))}")
+    if modes - ALL_MODES - EXTRA_MODES:
+        parser.error(f"unknown mode(s): {', '.join(sorted(modes - ALL_MODES - EXTRA_MODES))}")
     provision()
     subprocess.run(
         [str(winpy.WINESERVER), "-k"], env=winpy.wine_environment(), capture_output=True
@@ -820,8 +955,13 @@ def main(argv: list[str] | None = None) -> int:
         if (names is None or s.name in names)
         and (options.platform is None or s.platform == options.platform)
     ]
-    if not chosen:
+    if not chosen and "workers" not in modes:
         parser.error("no server matches --only/--platform")
+    worker_platforms = [
+        name
+        for name, _, _ in report.PLATFORMS
+        if "workers" in modes and options.platform in (None, name)
+    ]
     partial = modes != ALL_MODES or names is not None or options.platform is not None
     started = time.monotonic()
     run_id = time.strftime("%Y-%m-%d %H:%M")
@@ -837,11 +977,22 @@ def main(argv: list[str] | None = None) -> int:
                 error = f"{server.name} ({server.runtime}), round {repeat + 1}: {exc}"
                 say(f"FAILED {error}")
                 errors.append(error)
+        if worker_platforms:
+            try:
+                raw_records.extend(run_workers_round(plan, worker_platforms, repeat))
+            except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+                error = f"workers run, round {repeat + 1}: {exc}"
+                say(f"FAILED {error}")
+                errors.append(error)
     records = [r | {"run": run_id} for r in merge_repeats(raw_records)]
     # A smoke run must not overwrite the committed results of a full one.
     results = options.out or (RESULTS / "quick" if options.quick else RESULTS)
     if partial and (results / "latest.json").exists():
         kept = json.loads((results / "latest.json").read_text())
+        if worker_platforms:  # this run re-measured the workers rows it covers
+            kept = [
+                r for r in kept if r["mode"] != "workers" or r["platform"] not in worker_platforms
+            ]
         records = keep_unmeasured(kept, chosen, modes) + records
     machine = {
         "cpus": os.cpu_count(),

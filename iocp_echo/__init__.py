@@ -24,6 +24,7 @@ from .introspection import (
 from .loops import backend_name, new_event_loop, run
 from .protocol import DEFAULT_MAX_READ, EchoProtocol
 from .server import EchoServer, ServerStats, serve, serve_echo
+from .workers import WorkersFailed, run_workers
 
 __all__ = [
     "DEFAULT_MAX_READ",
@@ -39,11 +40,13 @@ __all__ = [
     "ProactorRequiredError",
     "ServerStats",
     "UnsupportedPlatformError",
+    "WorkersFailed",
     "backend_name",
     "new_event_loop",
     "pending_operations",
     "pending_operations_threadsafe",
     "run",
+    "run_workers",
     "serve",
     "serve_echo",
 ]

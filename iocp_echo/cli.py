@@ -2,7 +2,9 @@
 
 Exit status: 0 after a graceful shutdown (Ctrl-C, or Ctrl-Break on Windows); 1 when the server
 cannot start (invalid port, port in use, unsupported platform), with one line saying why; 2 for
-a malformed command line, with argparse's message.
+a malformed command line, with argparse's message.  With ``--workers N`` (N > 1) this process
+supervises N worker processes (``workers.py``); it also exits 1, with one line, when a worker
+keeps crashing or a second Ctrl-C forced the stop.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from . import loops
-from .admin import DEFAULT_STUCK_AFTER, log_stats, start_admin
+from . import loops, workers
+from .admin import DEFAULT_STUCK_AFTER, flush_stats_log, log_stats, start_admin
 from .errors import IocpEchoError
 from .listeners import format_address as _format_peer
 from .listeners import validate_port as _validate_port
@@ -40,6 +42,16 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     return parse
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (one per CPU) or more, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -50,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "exit status: 0 after a graceful shutdown, 1 when the server cannot start (invalid "
-            "port, port in use, unsupported platform), 2 for a bad command line. "
+            "port, port in use, unsupported platform) or, with --workers, stopped because a "
+            "worker kept crashing or a second Ctrl-C forced it, 2 for a bad command line. "
             "'iocp-echo inspect HOST:PORT [--watch]' shows a running server's pending "
             "operations (see 'iocp-echo inspect --help')."
         ),
@@ -68,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=_positive(int),
         metavar="N",
-        help="close connections beyond N open ones at once (default: no limit)",
+        help="close connections beyond N open ones at once (default: no limit); with "
+        "--workers, N is for the whole server, shared out evenly among the workers",
     )
     parser.add_argument(
         "--idle-timeout",
@@ -97,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="serve a JSON snapshot (stats and pending operations) on http://127.0.0.1:PORT/ "
         "for 'iocp-echo inspect' (default: off; 0 picks a free port)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="serve from N worker processes sharing one listener, supervised by this one "
+        "(0: one per CPU; default: %(default)s, this process serves alone)",
     )
     parser.add_argument(
         "--log-level",
@@ -134,6 +156,8 @@ async def _serve(options: argparse.Namespace) -> None:
         finally:
             for task in helpers:
                 task.cancel()
+            if helpers:
+                flush_stats_log(server)  # summarise stuck warnings held back this minute
             if admin is not None:
                 admin.close()
                 await admin.wait_closed()
@@ -162,13 +186,51 @@ def _stop_on_break(stop: Callable[[], None]) -> None:
             signal.signal(number, handler)
 
 
+def _serve_workers(options: argparse.Namespace, count: int) -> None:
+    """``--workers N`` (N > 1): this process supervises N workers (see ``workers.py``)."""
+    pool = workers.WorkerPool(
+        options.host,
+        options.port,
+        workers=count,
+        max_connections=options.max_connections,
+        idle_timeout=options.idle_timeout,
+    )
+
+    def ready(pool: workers.WorkerPool) -> None:
+        print(
+            f"{PROG}: listening on {_format_peer((pool.host, pool.port))} "
+            f"(backend: {pool.backend_name})",
+            flush=True,
+        )
+        pids = ", ".join(f"worker {i} pid {pid}" for i, pid in enumerate(pool.pids(), 1))
+        print(f"{PROG}: {pool.workers} worker processes: {pids}", flush=True)
+
+    def admin_ready(port: int) -> None:
+        print(f"{PROG}: admin snapshot on http://127.0.0.1:{port}/", flush=True)
+
+    pool.run(
+        on_ready=ready,
+        admin_port=options.admin_port,
+        on_admin=admin_ready,
+        stats_every=options.stats_every,
+        stuck_after=options.stuck_after,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["inspect"]:
         from . import inspector  # a client: no event loop, no backend needed
 
         return inspector.main(arguments[1:])
-    options = build_parser().parse_args(arguments)
+    parser = build_parser()
+    options = parser.parse_args(arguments)
+    count = workers.resolve_workers(options.workers)
+    if options.max_connections is not None and count > 1 and options.max_connections < count:
+        parser.error(
+            f"--max-connections {options.max_connections} is shared out among {count} "
+            "workers: it must be at least the number of workers"
+        )
     logging.basicConfig(
         level=options.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -179,7 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.admin_port is not None and options.admin_port != 0:
             _validate_port(options.admin_port)
         loops.backend_name()  # refuse an unsupported platform before anything starts
-        loops.run(_serve(options))
+        if count > 1:
+            _serve_workers(options, count)
+        else:
+            loops.run(_serve(options))
     except IocpEchoError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -125,6 +125,7 @@ def format_snapshot(snapshot: Any) -> str:
             )
         )
     ]
+    lines += _worker_lines(stats)
     unavailable = snapshot.get("operations_unavailable")
     if unavailable is not None:
         reason = _text(unavailable, "operations_unavailable")
@@ -133,14 +134,23 @@ def format_snapshot(snapshot: Any) -> str:
     operations = _field(snapshot, "operations", "answer")
     if not isinstance(operations, list):
         raise InspectError("operations is not a JSON array")
-    rows = []
+    # A server with worker processes labels each operation with its worker and pid.
+    labelled = any(isinstance(op, dict) and "worker" in op for op in operations)
+    columns = ("WORKER", *_COLUMNS) if labelled else _COLUMNS
+    rows: list[tuple[str, ...]] = []
     for i, op in enumerate(operations):
         where = f"operations[{i}]"
         op = _object(op, where)
         fileno = _optional_count(_field(op, "fileno", where), where + ".fileno")
         nbytes = _optional_count(_field(op, "nbytes", where), where + ".nbytes")
+        label: tuple[str, ...] = ()
+        if labelled:
+            worker = _count(_field(op, "worker", where), where + ".worker")
+            pid = _optional_count(op.get("pid"), where + ".pid")
+            label = (f"{worker}/{'-' if pid is None else pid}",)
         rows.append(
             (
+                *label,
                 _text(_field(op, "kind", where), where + ".kind"),
                 _text(_field(op, "state", where), where + ".state"),
                 "-" if fileno is None else str(fileno),
@@ -152,14 +162,51 @@ def format_snapshot(snapshot: Any) -> str:
         )
     total = snapshot.get("operations_total", len(rows))
     total = _count(total, "operations_total")
-    widths = [max(len(row[i]) for row in [_COLUMNS, *rows]) for i in range(len(_COLUMNS))]
-    for row in [_COLUMNS, *rows]:
+    widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns))]
+    for row in [columns, *rows]:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
     if total > len(rows):
         lines.append(f"{len(rows)} of {total} pending operation(s), oldest first")
     else:
         lines.append(f"{len(rows)} pending operation(s)")
     return "\n".join(lines)
+
+
+def _worker_lines(stats: dict[str, Any]) -> list[str]:
+    """One line per worker process, when the server has them (``stats.workers``)."""
+    entries = stats.get("workers")
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise InspectError("stats.workers is not a JSON array")
+    lines = []
+    for i, entry in enumerate(entries):
+        where = f"stats.workers[{i}]"
+        entry = _object(entry, where)
+        worker = _count(_field(entry, "worker", where), where + ".worker")
+        pid = _optional_count(_field(entry, "pid", where), where + ".pid")
+        state = _text(_field(entry, "state", where), where + ".state")
+        restarts = _count(_field(entry, "restarts", where), where + ".restarts")
+        own = entry.get("stats")
+        if own is None:
+            error = entry.get("error")
+            detail = _text(error, where + ".error") if error is not None else "no stats"
+        else:
+            own = _object(own, where + ".stats")
+            detail = "".join(
+                f"{label}={_count(_field(own, key, where + '.stats'), where + '.stats.' + key)}  "
+                for label, key in (
+                    ("connections open", "open_connections"),
+                    ("total", "total_connections"),
+                    ("bytes in", "bytes_received"),
+                    ("out", "bytes_sent"),
+                )
+            ).rstrip()
+        lines.append(
+            f"  worker {worker} pid {'-' if pid is None else pid} {state} "
+            f"(restarts {restarts}): {detail}"
+        )
+    return lines
 
 
 def _split_target(target: str) -> tuple[str, int]:

@@ -96,6 +96,7 @@ async def serve(
     write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     sock: socket.socket | None = None,
+    accept: bool = True,
 ) -> EchoServer:
     """Serve any asyncio protocol on the running proactor loop; return the server, accepting.
 
@@ -145,7 +146,7 @@ async def serve(
         write_high_water=write_high_water,
         shutdown_timeout=shutdown_timeout,
     )
-    server._start()
+    server._start(accept=accept)
     return server
 
 
@@ -408,11 +409,18 @@ class EchoServer:
 
     # -- accepting --------------------------------------------------------------------------
 
-    def _start(self) -> None:
+    def adopt(self, conn: socket.socket, address: Any) -> None:
+        """Serve a connection accepted elsewhere (see ``serve(accept=False)``), with the same
+        limits as the server's own accepts.  Call it on the loop's thread (from another
+        thread: ``loop.call_soon_threadsafe(server.adopt, conn, address)``)."""
+        conn.setblocking(False)
+        self._admit(conn, address)
+
+    def _start(self, *, accept: bool = True) -> None:
         """Post the first accepts now, so that serve() returns with accepts in flight."""
         introspection.register_source(self)
         try:
-            for listener in self._listeners:
+            for listener in self._listeners if accept else ():
                 if self._engine is not None and self._engine.accepts:
                     # one multishot accept per listener, completions straight to _admit
                     self._engine.start_accepting(listener, self._admit, self._accept_failed)

@@ -1,0 +1,831 @@
+"""Worker processes: one listener, every core, supervised (``run_workers``, ``--workers N``).
+
+One Python process runs on one core.  :func:`run_workers` opens the listening sockets in this
+(the parent) process, before anything else, so that a bad or busy port is reported once, then
+starts N worker processes that each run their own completion loop and echo server on what it
+was given (``_workers_child.py`` says how on each OS):
+
+- Windows: one listener, shared with every worker (``socket.share``); each worker accepts on
+  it in a thread, because a socket joins one completion port only, and serves the connection
+  on its own completion port.  The kernel hands each connection to one waiting ``accept``.
+- Linux: one listener per worker, all on the port in a ``SO_REUSEPORT`` group, each inherited
+  by its worker; the kernel's reuseport hash spreads the connections.  (One inherited socket
+  accepted on by every worker's io_uring gave the first worker every connection, measured.)
+
+The parent serves no connections.  It supervises: a worker that dies is restarted after a
+back-off (0.1 s, doubling, at most 5 s) with a WARNING naming its exit status, and a worker
+that dies :data:`CRASH_LIMIT` times within :data:`CRASH_WINDOW` seconds stops the whole server
+with :class:`WorkersFailed`, rather than restarting forever.  Ctrl-C, SIGTERM and Ctrl-Break
+ask every worker to stop gracefully (in-flight echoes drain, bounded by ``shutdown_timeout``);
+a second one kills them.  No worker outlives the parent: each treats the end of its control
+pipe as an order to stop.
+
+The parent also answers for the workers: :class:`WorkersView` has the ``stats()``,
+``pending_operations()`` and ``snapshot()`` of an :class:`~iocp_echo.EchoServer`, built by
+asking each worker over its control pipe, so the admin endpoint and ``--stats-every`` show
+totals, and every worker's share labelled by worker number and pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from . import _platform
+from .admin import DEFAULT_STUCK_AFTER, MAX_OPERATIONS_LIMIT, log_stats, start_admin
+from .errors import IocpEchoError
+from .listeners import format_address, open_listeners, validate_port, validate_positive
+from .protocol import DEFAULT_MAX_READ
+from .server import (
+    DEFAULT_BACKLOG,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    EchoServer,
+    ServerStats,
+)
+
+__all__ = [
+    "CRASH_LIMIT",
+    "CRASH_WINDOW",
+    "WorkerOperation",
+    "WorkerPool",
+    "WorkersFailed",
+    "WorkersStats",
+    "WorkersView",
+    "resolve_workers",
+    "run_workers",
+]
+
+logger = logging.getLogger("iocp_echo.workers")
+
+#: A worker that dies this many times within CRASH_WINDOW seconds stops the server.
+CRASH_LIMIT = 5
+CRASH_WINDOW = 60.0
+#: Restart back-off: the first restart after this long, doubling per recent crash, capped.
+RESTART_BACKOFF = 0.1
+RESTART_BACKOFF_MAX = 5.0
+#: How long the parent waits for the workers' answers when asked for stats.
+STATS_TIMEOUT = 2.0
+#: Beyond shutdown_timeout, what a worker gets to finish closing before it is killed (its
+#: server waits up to 5 s for cancelled operations to come back from the kernel).
+STOP_GRACE = 10.0
+
+_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from iocp_echo._workers_child import main; sys.exit(main())"
+)
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_SERVE_OPTIONS = (
+    "max_read",
+    "max_connections",
+    "idle_timeout",
+    "backlog",
+    "write_high_water",
+    "shutdown_timeout",
+)
+
+
+class WorkersFailed(IocpEchoError):
+    """The server stopped because a worker kept crashing (or could not be started)."""
+
+
+class ShutdownForced(IocpEchoError):
+    """A second Ctrl-C (or SIGTERM) killed the workers before they finished draining."""
+
+
+def resolve_workers(workers: object) -> int:
+    """*workers* as a count: 0 means one per CPU."""
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise TypeError(f"workers must be an integer, got {workers!r}")
+    if workers < 0:
+        raise ValueError(f"workers must be 0 (one per CPU) or more, got {workers}")
+    return workers or os.cpu_count() or 1
+
+
+def describe_exit(status: int) -> str:
+    """An exit status as a person reads it: a signal's name on POSIX, hex for NTSTATUS codes."""
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"status {status} (killed by {name})"
+    if status > 0xFFFF:
+        return f"status {status:#x}"
+    return f"status {status}"
+
+
+@dataclass(frozen=True)
+class WorkerOperation:
+    """A pending operation of one worker, as that worker reported it."""
+
+    kind: str
+    state: str
+    fileno: int | None
+    local: Any
+    peer: Any
+    nbytes: int | None
+    started: float
+    age: float
+    worker: int
+    pid: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "state": self.state,
+            "fileno": self.fileno,
+            "local": self.local,
+            "peer": self.peer,
+            "nbytes": self.nbytes,
+            "started": self.started,
+            "age": self.age,
+            "worker": self.worker,
+            "pid": self.pid,
+        }
+
+
+@dataclass(frozen=True)
+class WorkersStats(ServerStats):
+    """Totals over every worker (the :class:`ServerStats` fields), and each worker's own.
+
+    ``workers`` holds one entry per worker: ``worker`` (1..N), ``pid`` (None while it is being
+    restarted), ``state``, ``restarts``, and ``stats`` (its :class:`ServerStats` as a dict, or
+    None with ``error`` saying why it is missing).
+    """
+
+    workers: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Worker:
+    """The parent's handle on one worker slot, across restarts."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
+        self.state = "starting"
+        self.ready = False
+        self.restarts = 0
+        self.crashes: collections.deque[float] = collections.deque()
+        self.restart_handle: asyncio.TimerHandle | None = None
+        self.lock = threading.Lock()
+        self.replies: dict[int, dict[str, Any]] = {}
+        self.answered = threading.Condition(self.lock)
+
+    def send(self, message: dict[str, Any]) -> bool:
+        process = self.process
+        if process is None or process.stdin is None:
+            return False
+        try:
+            process.stdin.write(json.dumps(message).encode() + b"\n")
+            process.stdin.flush()
+        except (OSError, ValueError):
+            return False  # it is exiting: its exit is reported by its reader thread
+        return True
+
+
+_stderr_lock = threading.Lock()
+
+
+def _relay_stderr(stream: Any) -> None:
+    """Copy a worker's log lines to this process's ``sys.stderr`` (whatever it is now)."""
+    for line in iter(stream.readline, b""):
+        text = line.decode("utf-8", "replace")
+        with _stderr_lock:
+            try:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+    stream.close()
+
+
+class WorkerPool:
+    """The parent of N workers sharing one listener (see the module docstring).
+
+    Constructing it checks every argument and opens the listening socket(s), raising what
+    :func:`~iocp_echo.serve_echo` raises for them; :meth:`run` starts and supervises the
+    workers until a stop is asked for.
+    """
+
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        *,
+        workers: int,
+        max_read: int = DEFAULT_MAX_READ,
+        max_connections: int | None = None,
+        idle_timeout: float | None = None,
+        backlog: int = DEFAULT_BACKLOG,
+        write_high_water: int | None = None,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    ) -> None:
+        port = validate_port(port)
+        count = resolve_workers(workers)
+        validate_positive("max_read", max_read, allow_none=False)
+        validate_positive("max_connections", max_connections, allow_none=True)
+        validate_positive("idle_timeout", idle_timeout, allow_none=True, kind=float)
+        validate_positive("backlog", backlog, allow_none=False)
+        validate_positive("write_high_water", write_high_water, allow_none=True)
+        validate_positive("shutdown_timeout", shutdown_timeout, allow_none=False, kind=float)
+        if max_connections is not None and max_connections < count:
+            raise ValueError(
+                f"max_connections={max_connections} is shared out among the {count} workers: "
+                "it must be at least the number of workers"
+            )
+        self._backend = _platform.backend()
+        self._options: dict[str, Any] = {
+            "max_read": max_read,
+            "idle_timeout": idle_timeout,
+            "shutdown_timeout": shutdown_timeout,
+        }
+        if write_high_water is not None:
+            self._options["write_high_water"] = write_high_water
+        self._max_connections = max_connections
+        self._shutdown_timeout = shutdown_timeout
+        self._workers = [_Worker(i + 1) for i in range(count)]
+        #: The listening sockets each worker gets: the same ones for all (Windows), or a
+        #: SO_REUSEPORT group with one set per worker (Linux; see _open_listeners).
+        self._listeners: dict[int, list[socket.socket]] = {}
+        self._open_listeners(host, port, backlog)
+        self._local = self._listeners[1][0].getsockname()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._next_request = 0
+        self._stopping = False
+        self._forced = False
+        self._fatal: str | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._all_stopped: asyncio.Event | None = None
+        self._all_ready: asyncio.Event | None = None
+        self._cache: tuple[float, list[dict[str, Any]]] | None = None
+        self.view = WorkersView(self)
+
+    def _open_listeners(self, host: str, port: int, backlog: int) -> None:
+        """Open every listening socket now, in the parent, so errors are reported once.
+
+        Windows: one set of listeners, shared with every worker (``socket.share``).  Linux:
+        one set per worker in a ``SO_REUSEPORT`` group on the same port, each inherited by
+        its worker, because measured on this project's kernel one inherited socket gave
+        io_uring's accepts in the first worker every connection (500 of 500) while the
+        reuseport group's hash spreads them.  The parent keeps every set open, so the
+        connections the kernel queues for a worker being restarted wait for it instead of
+        being reset.
+        """
+        reuseport = getattr(socket, "SO_REUSEPORT", None) if sys.platform != "win32" else None
+
+        def prepare(sock: socket.socket) -> None:
+            self._backend.prepare_listener(sock)
+            if reuseport is not None:
+                sock.setsockopt(socket.SOL_SOCKET, reuseport, 1)
+
+        try:
+            for worker in self._workers:
+                if reuseport is None and self._listeners:
+                    self._listeners[worker.index] = self._listeners[1]
+                    continue
+                opened = open_listeners(host, port, backlog, prepare)
+                self._listeners[worker.index] = opened
+                port = opened[0].getsockname()[1]  # port 0: the one the OS chose, for all
+        except BaseException:
+            self._close_listeners()
+            raise
+
+    def _close_listeners(self) -> None:
+        for listeners in self._listeners.values():
+            for listener in listeners:
+                listener.close()
+
+    # -- what the view reads ----------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return str(self._local[0])
+
+    @property
+    def port(self) -> int:
+        return int(self._local[1])
+
+    @property
+    def backend_name(self) -> str:
+        return self._backend.NAME
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
+
+    def pids(self) -> list[int | None]:
+        """Each worker's pid now (None for one being restarted)."""
+        return [w.pid if w.process is not None else None for w in self._workers]
+
+    def is_serving(self) -> bool:
+        return not self._stopping
+
+    def max_connections_share(self, index: int) -> int | None:
+        """Worker *index*'s part of max_connections: shared out so that the parts add up to
+        the limit exactly, so the server as a whole never holds more."""
+        if self._max_connections is None:
+            return None
+        base, extra = divmod(self._max_connections, len(self._workers))
+        return base + (1 if index <= extra else 0)
+
+    # -- running ----------------------------------------------------------------------------
+
+    def run(
+        self,
+        *,
+        on_ready: Callable[[WorkerPool], None] | None = None,
+        admin_port: int | None = None,
+        on_admin: Callable[[int], None] | None = None,
+        stats_every: float | None = None,
+        stuck_after: float = DEFAULT_STUCK_AFTER,
+    ) -> None:
+        """Start the workers and supervise them until Ctrl-C, SIGTERM or Ctrl-Break.
+
+        Returns after a graceful shutdown; raises :class:`WorkersFailed` when a worker kept
+        crashing and :class:`ShutdownForced` after a second stop signal.
+        """
+        try:
+            with (
+                self._stop_signals(),
+                asyncio.Runner(loop_factory=self._backend.new_event_loop) as runner,
+            ):
+                runner.run(
+                    self._supervise(on_ready, admin_port, on_admin, stats_every, stuck_after)
+                )
+        finally:
+            self._close_listeners()
+        if self._fatal is not None:
+            raise WorkersFailed(self._fatal)
+        if self._forced:
+            raise ShutdownForced("shutdown forced: worker(s) killed before they finished draining")
+
+    @contextlib.contextmanager
+    def _stop_signals(self) -> Iterator[None]:
+        """Ctrl-C, SIGTERM and Ctrl-Break ask for a stop (a second one forces it).
+
+        Installed before the loop runs, so ``asyncio.Runner`` leaves SIGINT to us; a handler
+        runs in the main thread between two bytecodes, so it only schedules the stop.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous: dict[int, Any] = {}
+
+        def handler(signum: int, frame: object) -> None:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self.request_stop, signal.Signals(signum).name)
+
+        for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+            number = getattr(signal, name, None)
+            if number is not None:
+                previous[number] = signal.signal(number, handler)
+        try:
+            yield
+        finally:
+            for number, old in previous.items():
+                signal.signal(number, old)
+
+    async def _supervise(
+        self,
+        on_ready: Callable[[WorkerPool], None] | None,
+        admin_port: int | None,
+        on_admin: Callable[[int], None] | None,
+        stats_every: float | None,
+        stuck_after: float,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        self._all_stopped = asyncio.Event()
+        self._all_ready = asyncio.Event()
+        for worker in self._workers:
+            self._start_worker(worker)
+        helpers: list[asyncio.Task[None]] = []
+        admin = None
+        try:
+            ready = asyncio.ensure_future(self._all_ready.wait())
+            stop = asyncio.ensure_future(self._stop_requested.wait())
+            await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            stop.cancel()
+            if not self._stopping:
+                if on_ready is not None:
+                    on_ready(self)
+                if admin_port is not None:
+                    # admin.py types its argument as EchoServer; the view has every attribute
+                    # it reads (host, port, backend_name, is_serving, stats, pending_operations).
+                    admin = await start_admin(cast(EchoServer, self.view), admin_port)
+                    if on_admin is not None:
+                        on_admin(admin.port)
+                if stats_every is not None:
+                    helpers.append(asyncio.create_task(self._report(stats_every, stuck_after)))
+            await self._stop_requested.wait()
+            try:
+                await asyncio.wait_for(
+                    self._all_stopped.wait(), self._shutdown_timeout + STOP_GRACE
+                )
+            except TimeoutError:
+                logger.warning(
+                    "worker(s) still running %.1f s after the stop: killing them",
+                    self._shutdown_timeout + STOP_GRACE,
+                )
+                self._kill_all()
+                await self._all_stopped.wait()
+        finally:
+            for task in helpers:
+                task.cancel()
+            if admin is not None:
+                admin.close()
+                await admin.wait_closed()
+            if not self._all_stopped.is_set():  # cancelled: never leave a worker behind
+                self._stopping = True
+                self._kill_all()
+                for worker in self._workers:
+                    if worker.process is not None:
+                        await asyncio.to_thread(worker.process.wait)
+
+    async def _report(self, every: float, stuck_after: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            log_stats(cast(EchoServer, self.view), stuck_after)
+
+    def request_stop(self, reason: str = "stop") -> None:
+        """Stop every worker gracefully; asked a second time, kill them."""
+        assert self._stop_requested is not None and self._all_stopped is not None
+        if self._stopping:
+            if not self._forced and self._fatal is None and not self._all_stopped.is_set():
+                self._forced = True
+                logger.warning("%s again: killing the workers without waiting", reason)
+                self._kill_all()
+            return
+        self._stopping = True
+        logger.info("%s: stopping %d worker(s) gracefully", reason, len(self._workers))
+        for worker in self._workers:
+            if worker.restart_handle is not None:
+                worker.restart_handle.cancel()
+                worker.restart_handle = None
+            if worker.process is not None:
+                worker.state = "stopping"
+                worker.send({"op": "stop"})
+            else:
+                worker.state = "stopped"
+        self._check_all_stopped()
+        self._stop_requested.set()
+
+    def _kill_all(self) -> None:
+        for worker in self._workers:
+            if worker.process is not None and worker.process.poll() is None:
+                with contextlib.suppress(OSError):
+                    worker.process.kill()
+
+    def _check_all_stopped(self) -> None:
+        assert self._all_stopped is not None
+        if self._stopping and all(w.process is None for w in self._workers):
+            self._all_stopped.set()
+
+    # -- one worker -------------------------------------------------------------------------
+
+    def _start_worker(self, worker: _Worker) -> None:
+        worker.restart_handle = None
+        if self._stopping:
+            return
+        worker.state = "starting"
+        worker.ready = False
+        posix = sys.platform != "win32"
+        listeners = self._listeners[worker.index]
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", _BOOT, _PACKAGE_ROOT],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=[s.fileno() for s in listeners] if posix else (),
+                # POSIX: out of the terminal's process group, so a Ctrl-C reaches the parent
+                # only, which then stops the workers in order.
+                start_new_session=posix,
+            )
+        except OSError as exc:
+            self._worker_exited(worker, None, f"could not be started: {exc}")
+            return
+        worker.process = process
+        worker.pid = process.pid
+        specs: list[dict[str, Any]]
+        if sys.platform == "win32":
+            specs = [{"share": base64.b64encode(s.share(process.pid)).decode()} for s in listeners]
+        else:
+            specs = [{"fd": s.fileno()} for s in listeners]
+        options = dict(self._options)
+        share = self.max_connections_share(worker.index)
+        if share is not None:
+            options["max_connections"] = max(1, share // len(listeners))
+        worker.send(
+            {
+                "worker": worker.index,
+                "options": options,
+                "listeners": specs,
+                "log_level": logging.getLogger("iocp_echo").getEffectiveLevel(),
+            }
+        )
+        threading.Thread(
+            target=self._read_worker, args=(worker, process), daemon=True, name="worker reader"
+        ).start()
+        threading.Thread(target=_relay_stderr, args=(process.stderr,), daemon=True).start()
+
+    def _read_worker(self, worker: _Worker, process: subprocess.Popen[bytes]) -> None:
+        """A thread per worker process: its messages, then its exit."""
+        assert process.stdout is not None
+        for line in iter(process.stdout.readline, b""):
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(message, dict):
+                continue
+            if "id" in message:
+                with worker.answered:
+                    worker.replies[int(message["id"])] = message
+                    worker.answered.notify_all()
+            elif message.get("event") == "ready":
+                self._call_soon(self._worker_ready, worker, process, message)
+        process.stdout.close()
+        status = process.wait()
+        if process.stdin is not None:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+        self._call_soon(self._worker_exited, worker, process, describe_exit(status))
+
+    def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to tell
+                loop.call_soon_threadsafe(callback, *args)
+
+    def _worker_ready(
+        self, worker: _Worker, process: subprocess.Popen[bytes], message: dict[str, Any]
+    ) -> None:
+        if worker.process is not process:
+            return
+        worker.ready = True
+        if worker.state == "starting":
+            worker.state = "running"
+        if worker.restarts:
+            logger.info("worker %d is back (pid %d)", worker.index, process.pid)
+        if all(w.ready for w in self._workers):
+            assert self._all_ready is not None
+            self._all_ready.set()
+
+    def _worker_exited(
+        self, worker: _Worker, process: subprocess.Popen[bytes] | None, how: str
+    ) -> None:
+        if process is not None and worker.process is not process:
+            return
+        worker.process = None
+        worker.ready = False
+        pid = "-" if process is None else str(process.pid)
+        if self._stopping:
+            worker.state = "stopped"
+            if self._forced or how != "status 0":
+                logger.warning("worker %d (pid %s) stopped with %s", worker.index, pid, how)
+            self._check_all_stopped()
+            return
+        now = time.monotonic()
+        worker.crashes.append(now)
+        while worker.crashes and worker.crashes[0] < now - CRASH_WINDOW:
+            worker.crashes.popleft()
+        if len(worker.crashes) >= CRASH_LIMIT:
+            worker.state = "stopped"
+            self._fatal = (
+                f"worker {worker.index} died {len(worker.crashes)} times within "
+                f"{CRASH_WINDOW:g} s (last: pid {pid}, exit {how}); stopping the server"
+            )
+            logger.error("%s", self._fatal)
+            self.request_stop("crash loop")
+            return
+        delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF * 2 ** (len(worker.crashes) - 1))
+        logger.warning(
+            "worker %d (pid %s) exited unexpectedly with %s; restarting it in %.1f s",
+            worker.index,
+            pid,
+            how,
+            delay,
+        )
+        worker.state = "restarting"
+        worker.restarts += 1
+        assert self._loop is not None
+        worker.restart_handle = self._loop.call_later(delay, self._start_worker, worker)
+
+    # -- asking the workers -----------------------------------------------------------------
+
+    def collect(self, max_age: float = 0.0) -> list[dict[str, Any]]:
+        """Every worker's snapshot now (or the last one, if younger than *max_age* seconds).
+
+        Blocks the calling loop for at most :data:`STATS_TIMEOUT` seconds: the parent's loop
+        serves no connections, only this and the admin endpoint.
+        """
+        now = time.monotonic()
+        if self._cache is not None and now - self._cache[0] < max_age:
+            return self._cache[1]
+        asked: list[tuple[_Worker, int | None]] = []
+        for worker in self._workers:
+            self._next_request += 1
+            number = self._next_request
+            sent = worker.ready and worker.send(
+                {"op": "snapshot", "id": number, "limit": MAX_OPERATIONS_LIMIT}
+            )
+            asked.append((worker, number if sent else None))
+        deadline = time.monotonic() + STATS_TIMEOUT
+        result = []
+        for worker, request_id in asked:
+            entry: dict[str, Any] = {
+                "worker": worker.index,
+                "pid": worker.pid if worker.process is not None else None,
+                "state": worker.state,
+                "restarts": worker.restarts,
+                "stats": None,
+                "error": None,
+            }
+            if request_id is None:
+                entry["error"] = f"worker is {worker.state}"
+            else:
+                with worker.answered:
+                    while request_id not in worker.replies:
+                        left = deadline - time.monotonic()
+                        if left <= 0 or worker.process is None:
+                            break
+                        worker.answered.wait(left)
+                    reply = worker.replies.pop(request_id, None)
+                    worker.replies.clear()  # late answers to earlier requests
+                if reply is None:
+                    entry["error"] = f"no answer within {STATS_TIMEOUT:g} s"
+                else:
+                    snapshot = reply["snapshot"]
+                    entry["stats"] = snapshot["stats"]
+                    entry["snapshot"] = snapshot
+            result.append(entry)
+        self._cache = (time.monotonic(), result)
+        return result
+
+
+def _sum_stats(entries: list[dict[str, Any]]) -> WorkersStats:
+    totals: dict[str, Any] = {}
+    unavailable = []
+    for entry in entries:
+        stats = entry["stats"]
+        if stats is None:
+            continue
+        for f in dataclasses.fields(ServerStats):
+            value = stats.get(f.name)
+            if f.name == "pending_unavailable":
+                if value:
+                    unavailable.append(f"worker {entry['worker']}: {value}")
+            elif f.name == "oldest_pending_age":
+                totals[f.name] = max(totals.get(f.name, 0.0), float(value or 0.0))
+            elif isinstance(value, dict):
+                merged = collections.Counter(totals.get(f.name, {}))
+                merged.update(value)
+                totals[f.name] = dict(merged)
+            else:
+                totals[f.name] = totals.get(f.name, 0) + int(value or 0)
+    public = [{k: v for k, v in e.items() if k != "snapshot"} for e in entries]
+    return WorkersStats(
+        open_connections=totals.get("open_connections", 0),
+        total_connections=totals.get("total_connections", 0),
+        refused_connections=totals.get("refused_connections", 0),
+        failed_accepts=totals.get("failed_accepts", 0),
+        bytes_received=totals.get("bytes_received", 0),
+        bytes_sent=totals.get("bytes_sent", 0),
+        bytes_unsent=totals.get("bytes_unsent", 0),
+        reading_paused=totals.get("reading_paused", 0),
+        errors=totals.get("errors", {}),
+        pending_by_kind=totals.get("pending_by_kind", {}),
+        pending_by_state=totals.get("pending_by_state", {}),
+        oldest_pending_age=totals.get("oldest_pending_age", 0.0),
+        pending_unavailable="; ".join(unavailable) or None,
+        workers=public,
+    )
+
+
+def _address(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+class WorkersView:
+    """The whole pool seen as one server, for the admin endpoint and ``--stats-every``.
+
+    It has the reading side of :class:`~iocp_echo.EchoServer`: ``host``, ``port``,
+    ``backend_name``, ``is_serving()``, ``stats()`` (a :class:`WorkersStats`: totals, and
+    each worker's own), ``pending_operations()`` (every worker's, oldest first, each a
+    :class:`WorkerOperation` naming its worker and pid; at most the 1,000 oldest per worker)
+    and ``snapshot()``.
+    """
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self._pool = pool
+
+    @property
+    def host(self) -> str:
+        return self._pool.host
+
+    @property
+    def port(self) -> int:
+        return self._pool.port
+
+    @property
+    def backend_name(self) -> str:
+        return f"{self._pool.backend_name}, {self._pool.workers} workers"
+
+    def is_serving(self) -> bool:
+        return self._pool.is_serving()
+
+    def stats(self) -> WorkersStats:
+        return _sum_stats(self._pool.collect())
+
+    def pending_operations(self) -> list[WorkerOperation]:
+        operations = []
+        # The admin endpoint and log_stats() ask for stats() and then at once for this: the
+        # same answers serve both, so totals and the list agree.
+        for entry in self._pool.collect(max_age=0.5):
+            snapshot = entry.get("snapshot")
+            if snapshot is None:
+                continue
+            for op in snapshot["operations"]:
+                operations.append(
+                    WorkerOperation(
+                        kind=op["kind"],
+                        state=op["state"],
+                        fileno=op["fileno"],
+                        local=_address(op["local"]),
+                        peer=_address(op["peer"]),
+                        nbytes=op["nbytes"],
+                        started=op["started"],
+                        age=op["age"],
+                        worker=entry["worker"],
+                        pid=entry["pid"],
+                    )
+                )
+        operations.sort(key=lambda op: -op.age)
+        return operations
+
+    def snapshot(self) -> dict[str, Any]:
+        stats = self.stats()
+        return {
+            "server": {
+                "host": self.host,
+                "port": self.port,
+                "backend": self.backend_name,
+                "python": sys.version.split()[0],
+                "serving": self.is_serving(),
+            },
+            "stats": dataclasses.asdict(stats),
+            "operations": [op.as_dict() for op in self.pending_operations()],
+            "operations_unavailable": stats.pending_unavailable,
+            "time": time.monotonic(),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"<WorkersView {format_address((self.host, self.port))} workers={self._pool.workers}>"
+        )
+
+
+def run_workers(
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    *,
+    workers: int,
+    **serve_echo_options: Any,
+) -> None:
+    """Serve the echo on *host*:*port* from *workers* processes (0: one per CPU); block until
+    Ctrl-C, SIGTERM or Ctrl-Break, then stop them all gracefully and return.
+
+    *serve_echo_options* are :func:`~iocp_echo.serve_echo`'s keyword arguments (``max_read``,
+    ``max_connections``, ``idle_timeout``, ``backlog``, ``write_high_water``,
+    ``shutdown_timeout``; not ``ssl`` or ``sock``).  ``max_connections`` is for the whole
+    server: each worker refuses past its even share.  The listener is opened here, first, so
+    :class:`InvalidPortError` and :class:`AddressInUseError` are raised before any worker
+    starts; :class:`WorkersFailed` is raised when a worker keeps crashing.  Call it from the
+    main thread (elsewhere stop signals are not handled); it runs its own event loop.
+    """
+    unknown = set(serve_echo_options) - set(_SERVE_OPTIONS)
+    if unknown:
+        raise TypeError(f"run_workers() got unsupported option(s): {', '.join(sorted(unknown))}")
+    WorkerPool(host, port, workers=workers, **serve_echo_options).run()
