@@ -356,6 +356,9 @@ def test_wine_cli_admin_endpoint_inspect_and_stats(wine_python: str) -> None:
         assert "connections open=1" in seen
         assert "recv operation pending for" in seen and f"peer {me}" in seen
     finally:
+        if process.stderr is not None:
+            # communicate() reads blocking: a non-blocking pipe makes it get None (3.11).
+            os.set_blocking(process.stderr.fileno(), True)
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)
     assert process.returncode == 0
