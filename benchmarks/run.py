@@ -985,6 +985,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"FAILED {error}")
                 errors.append(error)
     records = [r | {"run": run_id} for r in merge_repeats(raw_records)]
+    measured = sorted({f"{r['server']} ({r['runtime']})" for r in records})
     # A smoke run must not overwrite the committed results of a full one.
     results = options.out or (RESULTS / "quick" if options.quick else RESULTS)
     if partial and (results / "latest.json").exists():
@@ -1011,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
     if partial and (results / "machine.json").exists():
         rerun = {k: machine[k] for k in ("minutes", "date", "run", "errors")} | {
             "modes": sorted(modes),
-            "servers": sorted({f"{s.name} ({s.runtime})" for s in chosen}),
+            "servers": measured,  # what this run measured (a workers run: iocp_echo only)
         }
         machine = json.loads((results / "machine.json").read_text()) | {"rerun": rerun}
     results.mkdir(parents=True, exist_ok=True)
