@@ -425,8 +425,17 @@ class UringTransport(CompletionTransport):
             raise RuntimeError("write_eof() already called")
         if self._cork is not None or self._fill:
             self._cork_write(data)
-        else:
-            self._start_send(data)
+            return
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._fatal_error(exc, "send failed")
+            return
+        self.bytes_sent += sent
+        if sent != len(data):
+            self._send_remainder(data, sent)
 
     # A read that fills its buffer is usually followed, in the same batch of completions, by
     # the rest of the message (a 65,536-byte message is read as 65,535 + 1 with the default
