@@ -800,22 +800,7 @@ class UringProactor:
         if fd < 0:
             operation.future.set_exception(OSError(errno.EBADF, "the socket was closed"))
             return
-        user_data = self._next
-        self._next += 1
-        operation.future._user_data = user_data
-        ring = self.ring
-        if ring.space() < 1:
-            self._make_room()
-        operation.slot = ring.push(
-            abi.IORING_OP_SEND,
-            fd,
-            addr=operation.addr,
-            length=operation.length,
-            op_flags=operation.op_flags,
-            user_data=user_data,
-        )
-        self._ops[user_data] = operation
-        self._unsubmitted[user_data] = operation
+        self._resubmit(operation, fd)
 
     def _accept_again(self, operation: _Operation) -> bool:
         """An accept whose connection was gone: submit it again under a new tag, for the same
@@ -825,6 +810,11 @@ class UringProactor:
             return False
         self.accepts_retried += 1
         _SOCKLEN.from_buffer(operation.buffer, _SOCKADDR_SIZE).value = _SOCKADDR_SIZE
+        self._resubmit(operation, fd)
+        return True
+
+    def _resubmit(self, operation: _Operation, fd: int) -> None:
+        """Queue *operation* again (its SQE as it now stands) under a new tag, same future."""
         user_data = self._next
         self._next += 1
         operation.future._user_data = user_data
@@ -842,7 +832,6 @@ class UringProactor:
         )
         self._ops[user_data] = operation
         self._unsubmitted[user_data] = operation
-        return True
 
     def _cancel(self, user_data: int) -> None:
         """A future operation's cancellation (see the design note)."""
