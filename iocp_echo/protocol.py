@@ -107,6 +107,3 @@ class EchoProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._buffer = None
-
-
-# Kept for modules not yet moved to iocp_echo.listeners.format_address.

@@ -38,8 +38,6 @@ from .protocol import DEFAULT_MAX_READ, EchoProtocol
 
 __all__ = ["EchoServer", "ServerStats", "serve", "serve_echo"]
 
-_format_peer = format_address
-
 logger = logging.getLogger("iocp_echo.server")
 
 DEFAULT_HOST = "127.0.0.1"
@@ -320,12 +318,6 @@ class EchoServer:
         matches their transports' futures with them)."""
         owned = {id(c.socket): c for c in self._connections if isinstance(c, StockConnection)}
         return self._loop, owned
-
-    def engine_connections(self) -> list[CompletionTransport]:
-        """Connections on the engine, open or closed with operations still in flight."""
-        return [
-            c for c in [*self._connections, *self._released] if isinstance(c, CompletionTransport)
-        ]
 
     def snapshot(self) -> dict[str, Any]:
         """Everything known about the server now, ready for ``json.dumps``."""

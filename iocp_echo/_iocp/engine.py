@@ -151,9 +151,6 @@ class IocpEngine:
     def stop_accepting(self) -> None:
         pass
 
-    def idle_buffers(self) -> int:
-        return len(self.pool)
-
     def close(self) -> None:
         self.pool.clear()
 
