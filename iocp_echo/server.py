@@ -346,6 +346,13 @@ class EchoServer:
         if self._closing:
             return
         self._closing = True
+        # The task first: a second Ctrl-C (KeyboardInterrupt) landing in the middle of the
+        # steps below must not leave a server that is closing with nothing to finish the job.
+        self._shutdown_task = self._loop.create_task(self._shutdown())
+        self._stop_accepting()
+
+    def _stop_accepting(self) -> None:
+        """Cancel every accept and close the listeners (idempotent: _shutdown() repeats it)."""
         for task in self._accept_tasks:
             task.cancel()
         # Cancel the accepts themselves too: a task cancelled before it first ran never
@@ -356,7 +363,6 @@ class EchoServer:
             self._engine.stop_accepting()
         for listener in self._listeners:
             listener.close()
-        self._shutdown_task = self._loop.create_task(self._shutdown())
 
     async def wait_closed(self) -> None:
         """Wait until the server is fully closed.
@@ -665,6 +671,7 @@ class EchoServer:
 
     async def _shutdown(self) -> None:
         try:
+            self._stop_accepting()  # done by close() already, unless it was interrupted
             if self._sweep_handle is not None:
                 self._sweep_handle.cancel()
                 self._sweep_handle = None

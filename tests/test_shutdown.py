@@ -105,3 +105,29 @@ async def test_many_open_connections_all_closed_by_shutdown() -> None:
     for sock in socks:
         assert await recv_until_eof(sock, timeout=10) == b""
         sock.close()
+
+
+async def test_a_close_interrupted_midway_still_finishes() -> None:
+    """A second Ctrl-C can raise KeyboardInterrupt inside close(), after it marked the server
+    closing: wait_closed() must still finish the shutdown and leave nothing behind."""
+    server = await iocp_echo.serve_echo("127.0.0.1", 0)
+    sock = await connect(server.port)
+    await wait_until(lambda: server.stats().open_connections == 1)
+    real = server._stop_accepting
+    calls: list[int] = []
+
+    def interrupted() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("interrupted (stands for KeyboardInterrupt)")
+        real()
+
+    server._stop_accepting = interrupted  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="interrupted"):
+        server.close()
+    assert not server.is_serving()
+    await asyncio.wait_for(server.wait_closed(), 30)
+    assert len(calls) == 2  # the shutdown did the interrupted part itself
+    assert await recv_until_eof(sock) == b""
+    sock.close()
+    assert_nothing_left(server)
