@@ -130,4 +130,6 @@ async def test_a_close_interrupted_midway_still_finishes() -> None:
     assert len(calls) == 2  # the shutdown did the interrupted part itself
     assert await recv_until_eof(sock) == b""
     sock.close()
+    # (IOCP: the client's own last receive completed at once; its packet is dequeued next.)
+    await wait_until(lambda: all(op.kind == "wakeup" for op in iocp_echo.pending_operations()))
     assert_nothing_left(server)
