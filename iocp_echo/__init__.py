@@ -10,6 +10,7 @@
 from ._transport import CompletionTransport, LendingProtocol
 from .errors import (
     AddressInUseError,
+    BufferOwnershipError,
     InvalidPortError,
     IocpEchoError,
     ProactorRequiredError,
@@ -29,6 +30,7 @@ from .workers import WorkersFailed, run_workers
 __all__ = [
     "DEFAULT_MAX_READ",
     "AddressInUseError",
+    "BufferOwnershipError",
     "CompletionTransport",
     "EchoProtocol",
     "EchoServer",

@@ -17,6 +17,22 @@ Hosting rules (any asyncio protocol works):
 * an :class:`asyncio.BufferedProtocol` gets ``get_buffer()``/``buffer_updated()``;
 * any other :class:`asyncio.Protocol` gets ``data_received(bytes)``.
 
+Re-entrancy and ordering (asyncio's contract, which streams depend on):
+
+* no method of the transport calls the protocol before it returns, with the two exceptions
+  asyncio's own transports make: ``write()`` and ``set_write_buffer_limits()`` may call
+  ``pause_writing()``.  ``resume_reading()`` only schedules: whatever was read meanwhile is
+  delivered by a loop callback;
+* data, EOF and a read error reach the protocol through one ordered path, once each: a
+  completion delivers inline only when nothing is waiting before it and reading is not
+  paused; otherwise it joins the connection's *backlog* (data copied out of the kernel's
+  buffer, so a paused connection pins no pooled or provided buffer), which the scheduled
+  resume drains in order, stopping as soon as the protocol pauses again.  EOF and errors come
+  after the last byte; after them no read is issued again;
+* what a paused connection can hold is bounded by what the kernel had already completed when
+  the pause took effect: a backend stops reading on pause (io_uring cancels its multishot
+  receive; IOCP issues no further receive).
+
 States of the write side (as in CPython's transports, documented where they are driven):
 IDLE (nothing in flight), SENDING (one send in flight, ``_sending`` bytes), BACKED UP (more
 queued behind it: ``_queue``).  Closing waits until the write side is IDLE; aborting does not.
@@ -25,17 +41,26 @@ queued behind it: ``_queue``).  Closing waits until the write side is IDLE; abor
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 import time
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["DEFAULT_WRITE_HIGH_WATER", "CompletionTransport", "LendingProtocol"]
+__all__ = [
+    "DEFAULT_WRITE_HIGH_WATER",
+    "END_OF_STREAM",
+    "CompletionTransport",
+    "LendingProtocol",
+]
 
 logger = logging.getLogger("iocp_echo.transport")
 
 #: Bytes waiting to be sent before the protocol is asked to pause writing (its producer).
 DEFAULT_WRITE_HIGH_WATER = 256 * 1024
+
+#: The end of the stream, as it waits in a backlog behind data.
+END_OF_STREAM: Any = object()
 
 
 @runtime_checkable
@@ -59,8 +84,12 @@ class ConnectionOwner(Protocol):
 class CompletionTransport(asyncio.Transport):
     """A stream transport driven by completions; see the module docstring."""
 
+    #: ``loop.start_tls()`` may upgrade this transport (it swaps the protocol while paused).
+    _start_tls_compatible = True
+
     __slots__ = (
         "__weakref__",
+        "_backlog",
         "_closing",
         "_conn_lost",
         "_deliver",
@@ -80,7 +109,9 @@ class CompletionTransport(asyncio.Transport):
         "_protocol_paused",
         "_queue",
         "_queued",
+        "_read_ended",
         "_reading",
+        "_resume_handle",
         "_sending",
         "_sock",
         "bytes_received",
@@ -121,6 +152,9 @@ class CompletionTransport(asyncio.Transport):
         self._eof_written = False
         self._eof_pending = False
         self._reading = True
+        self._read_ended = False  # EOF or a read error arrived: no read is issued again
+        self._backlog: collections.deque[Any] | None = None
+        self._resume_handle: asyncio.Handle | None = None
         self._protocol_paused = False
         self._sending = 0
         self._queue: list[bytes] | None = None
@@ -171,7 +205,8 @@ class CompletionTransport(asyncio.Transport):
         if self._closing or self._reading:
             return
         self._reading = True
-        self._reading_resumed()
+        if self._resume_handle is None:
+            self._resume_handle = self._loop.call_soon(self._resume)
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         if high is None:
@@ -229,6 +264,7 @@ class CompletionTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
+        self._backlog = None
         self._stop_reading()
         if not self._sending and not self._queue:
             self._schedule_connection_lost(None)
@@ -289,6 +325,8 @@ class CompletionTransport(asyncio.Transport):
         raise NotImplementedError
 
     def _reading_resumed(self) -> None:
+        """Reading resumed and the backlog is empty: issue a read unless one is in flight.
+        Called from a loop callback, never from inside a delivery."""
         raise NotImplementedError
 
     def _stop_reading(self) -> None:
@@ -342,6 +380,71 @@ class CompletionTransport(asyncio.Transport):
 
     def _deliver_bytes(self, view: memoryview) -> None:
         self._protocol.data_received(bytes(view))  # type: ignore[attr-defined]
+
+    # -- the backlog: what arrived while the protocol could not take it ---------------------
+
+    def _hold(self, item: Any) -> None:
+        """Put *item* (bytes copied out of a kernel buffer, ``END_OF_STREAM``, or an ``OSError``)
+        behind whatever waits already; delivered in order once reading is resumed."""
+        backlog = self._backlog
+        if backlog is None:
+            backlog = self._backlog = collections.deque()
+        backlog.append(item)
+        if item is END_OF_STREAM or isinstance(item, BaseException):
+            self._read_ended = True
+        if self._reading and self._resume_handle is None and not self._closing:
+            self._resume_handle = self._loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        """Scheduled by resume_reading() (or a hold while reading): drain the backlog, then
+        let the backend read again."""
+        self._resume_handle = None
+        backlog = self._backlog
+        while backlog and self._reading and not self._closing:
+            item = backlog.popleft()
+            if item is END_OF_STREAM:
+                self._eof_received()
+            elif isinstance(item, BaseException):
+                self._fatal_error(item, "receive failed")
+            else:
+                self._deliver_held(item)
+        if self._backlog is not None and not self._backlog:
+            self._backlog = None
+        if self._reading and not self._closing and not self._read_ended and self._backlog is None:
+            self._reading_resumed()
+
+    def _deliver_held(self, data: bytes) -> None:
+        """Deliver bytes from the backlog (a copy: writing the view back copies it again)."""
+        try:
+            if self._lend is not None:
+                self._lend(memoryview(data))
+            else:
+                self._deliver(memoryview(data))
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+
+    def _arrived_eof(self) -> None:
+        """A completion saw the end of the stream: deliver it now if nothing waits before
+        it, else after the backlog.  Only from a completion, never from a transport method."""
+        if self._closing:
+            return
+        if self._reading and self._backlog is None:
+            self._read_ended = True
+            self._eof_received()
+        else:
+            self._hold(END_OF_STREAM)
+
+    def _arrived_error(self, exc: OSError, message: str) -> None:
+        """A completion failed: the connection ends, after the bytes that came before."""
+        if self._closing:
+            return
+        if self._reading and self._backlog is None:
+            self._read_ended = True
+            self._fatal_error(exc, message)
+        else:
+            self._hold(exc)
 
     def _eof_received(self) -> None:
         """The peer half-closed: ask the protocol whether to keep the transport open."""
@@ -420,6 +523,7 @@ class CompletionTransport(asyncio.Transport):
             return
         self._closing = True
         self._reading = False
+        self._backlog = None
         self._queue = None
         self._queued = 0
         self._cancel_all()

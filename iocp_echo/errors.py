@@ -10,6 +10,7 @@ import errno
 
 __all__ = [
     "AddressInUseError",
+    "BufferOwnershipError",
     "InvalidPortError",
     "IocpEchoError",
     "ProactorRequiredError",
@@ -20,6 +21,11 @@ __all__ = [
 
 class IocpEchoError(Exception):
     """Base class of every error raised by iocp_echo itself."""
+
+
+class BufferOwnershipError(IocpEchoError, AssertionError):
+    """A bug, caught before it corrupts data: a kernel-owned read buffer was given back twice
+    (or handed out by the kernel while iocp_echo still held it).  Never a client's doing."""
 
 
 class ProactorRequiredError(IocpEchoError, RuntimeError):

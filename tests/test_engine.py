@@ -202,8 +202,8 @@ async def test_a_protocol_that_raises_costs_its_connection_only(
 @pytest.mark.iocp
 async def test_quiet_connections_wait_with_a_zero_byte_receive() -> None:
     """IOCP: a new connection waits with a zero-byte receive (no buffer pinned); one message
-    does not change that; two in a row make it busy, reading into a pooled max_read buffer;
-    the sweep returns a quiet one to zero bytes."""
+    does not change that; two in a row make it busy, reading into a pooled buffer of MIN_READ
+    bytes (not max_read); the sweep returns a quiet one to zero bytes."""
     from iocp_echo._iocp import engine
 
     async with await iocp_echo.serve_echo("127.0.0.1", 0) as server:
@@ -219,7 +219,7 @@ async def test_quiet_connections_wait_with_a_zero_byte_receive() -> None:
         await wait_until(lambda: recvs() == [0], what="still quiet after one message")
         await loop.sock_sendall(sock, b"pong")
         assert await recv_exactly(sock, 4) == b"pong"
-        await wait_until(lambda: recvs() == [65535], what="a pooled receive")
+        await wait_until(lambda: recvs() == [engine.MIN_READ], what="a pooled receive")
         await wait_until(lambda: recvs() == [0], timeout=engine.QUIET_AFTER + 5, what="quiet again")
         await loop.sock_sendall(sock, b"again")  # woken from quiet: drained, echoed
         assert await recv_exactly(sock, 5) == b"again"

@@ -14,11 +14,19 @@ from collections.abc import Iterator
 
 import pytest
 
+from iocp_echo.errors import BufferOwnershipError
+
 pytestmark = [pytest.mark.backend, pytest.mark.uring]
 
 if sys.platform.startswith("linux"):
     from iocp_echo._uring import abi
-    from iocp_echo._uring.ring import DEFAULT_SETUP_MODES, SETUP_MODES, BufferRing, Ring
+    from iocp_echo._uring.ring import (
+        DEFAULT_SETUP_MODES,
+        IN_KERNEL,
+        SETUP_MODES,
+        BufferRing,
+        Ring,
+    )
 
 
 @pytest.fixture(params=["defer_taskrun", "coop_taskrun", "plain"])
@@ -273,6 +281,7 @@ def test_buffer_ring_receive_recycle_and_length(ring: Ring) -> None:
         assert bytes(buffers.view(bid)[:res]) == payload[:1000]
         assert len(buffers.view(bid)) == 4096
         seen.append(bid)
+        buffers.take(bid)
         buffers.recycle(bid)
         a.recv(4096)  # drop the rest
     assert set(seen) == {0, 1}
@@ -305,6 +314,7 @@ def test_buffer_ring_exhaustion_and_registration_errors(ring: Ring) -> None:
         abi.IORING_OP_RECV, a.fileno(), user_data=2, flags=abi.IOSQE_BUFFER_SELECT, buf_group=2
     )
     assert _complete(ring, 1) == [(2, -errno.ENOBUFS, 0)]
+    buffers.take(flags >> abi.IORING_CQE_BUFFER_SHIFT)
     buffers.recycle(flags >> abi.IORING_CQE_BUFFER_SHIFT)
     ring.push(
         abi.IORING_OP_RECV, a.fileno(), user_data=3, flags=abi.IOSQE_BUFFER_SELECT, buf_group=2
@@ -365,6 +375,7 @@ def test_multishot_recv_and_accept(ring: Ring) -> None:
         assert user_data == 1 and flags & abi.IORING_CQE_F_MORE
         bid = flags >> abi.IORING_CQE_BUFFER_SHIFT
         received.append(bytes(buffers.view(bid)[:res]))
+        buffers.take(bid)
         buffers.recycle(bid)
     assert received == [b"first", b"second", b"third"]
     ring.push(abi.IORING_OP_ASYNC_CANCEL, -1, addr=1, user_data=2)
@@ -398,3 +409,24 @@ def test_multishot_recv_and_accept(ring: Ring) -> None:
     buffers.close()
     a.close()
     b.close()
+
+
+def test_a_buffer_is_given_back_once_and_handed_out_once() -> None:
+    """The ownership ledger: recycling a buffer the kernel has, or taking one the program
+    holds, raises and leaves the ring as it was (finding 2 corrupted it silently)."""
+    ring = Ring(8)
+    try:
+        buffers = BufferRing(ring, 3, 4, 4096)
+        tail = buffers._tail
+        with pytest.raises(BufferOwnershipError, match="given back twice"):
+            buffers.recycle(1)
+        assert buffers._tail == tail  # nothing published
+        buffers.take(1)
+        with pytest.raises(BufferOwnershipError, match="still holds"):
+            buffers.take(1)
+        buffers.recycle(1)
+        assert buffers._tail == (tail + 1) & 0xFFFF
+        assert list(buffers.states) == [IN_KERNEL] * 4
+        buffers.close()
+    finally:
+        ring.close()

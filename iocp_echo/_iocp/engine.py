@@ -14,9 +14,9 @@ How the engine uses it.  ``IocpProactor._poll`` already dequeues every packet an
 straight into the connection: no Future, no ``call_soon``.  Each connection has at most one
 receive and one send in flight.  Reading has two modes:
 
-* BUSY: an overlapped ``WSARecvInto`` into a buffer from the server's pool, of ``max_read``
-  bytes.  The echo writes the bytes back from that same buffer (``WSASend`` from it: no copy);
-  the buffer returns to the pool when the send's packet arrives.
+* BUSY: an overlapped ``WSARecvInto`` into a buffer from the server's pool.  The echo writes
+  the bytes back from that same buffer (``WSASend`` from it: no copy); the buffer returns to
+  the pool when the send's packet arrives.
 * QUIET: a zero-byte ``WSARecvInto``: nothing pinned.  When it completes, one non-blocking
   ``recv_into`` takes what arrived and the connection is BUSY again.
 
@@ -27,6 +27,28 @@ cancels the BUSY receive of a connection that has read nothing for ``QUIET_AFTER
 packet (``ERROR_OPERATION_ABORTED``) then moves it to QUIET and frees its buffer.  A zero-byte
 receive for every read would cost a second Winsock call per request (about 30% under Wine), so
 busy connections keep their buffer.
+
+Read sizes adapt (as Netty's adaptive allocator does): a BUSY connection reads into a buffer
+of ``MIN_READ`` bytes at first, twice as large after a read that filled it (up to
+``max_read``), half as large after ``SHRINK_AFTER`` reads in a row that used at most a quarter
+of it.  A connection echoing small messages pins a few KiB, not ``max_read``.
+
+Who owns a pooled buffer.  Exactly one of: the pool (``IocpEngine.take_buffer`` /
+``give_back``), the connection between reads (``_read_buf``), the kernel (a receive or a send
+in flight names it; the send's is ``_send_held``), or the protocol during ``data_lent`` (a
+view of ``_read_buf``; writing that view moves the buffer to the send).  Giving back a buffer
+the pool already has raises :class:`BufferOwnershipError`.  Data that arrives while the
+protocol is paused is copied into the transport's backlog and the buffer goes back at once.
+
+Fairness.  ``_poll`` keeps dequeuing while packets are ready, and a connection that re-arms its
+receive from its own completion can keep it from ever returning to the loop (a client
+streaming flat out would starve accepts, timers and every task).  The engine therefore counts
+the completions it handles per loop iteration; past ``COMPLETIONS_PER_ITERATION`` a connection
+re-arms its receive from a loop callback instead, so ``_poll`` runs dry and returns.
+
+Closing the loop.  ``IocpProactor.close()`` cancels every cached operation and polls until the
+cache is empty; the first ``cancel()`` of an engine entry marks the engine stopped, and a
+stopped engine issues no operation again (or close() would wait for ever).
 """
 
 from __future__ import annotations
@@ -38,14 +60,28 @@ import time
 from typing import Any
 
 from .. import _private
-from .._transport import CompletionTransport, ConnectionOwner
+from .._transport import END_OF_STREAM, CompletionTransport, ConnectionOwner
+from ..errors import BufferOwnershipError
 
-__all__ = ["QUIET_AFTER", "IocpEngine", "IocpTransport", "describe_entry"]
+__all__ = [
+    "COMPLETIONS_PER_ITERATION",
+    "MIN_READ",
+    "QUIET_AFTER",
+    "IocpEngine",
+    "IocpTransport",
+    "describe_entry",
+]
 
 #: Seconds without a completed read after which a connection gives its read buffer back.
 QUIET_AFTER = 1.0
-#: Free read buffers kept for reuse; more are released to the allocator.
+#: Free read buffers kept for reuse, per size; more are released to the allocator.
 POOL_LIMIT = 64
+#: The first BUSY read size of a connection (doubles on full reads up to max_read).
+MIN_READ = 4096
+#: Reads in a row that used at most a quarter of their buffer before the size halves.
+SHRINK_AFTER = 4
+#: Completions handled inline per loop iteration before re-arms wait for the loop.
+COMPLETIONS_PER_ITERATION = 64
 _ERROR_OPERATION_ABORTED = 995
 _NULL = 0
 _EMPTY = bytearray(0)
@@ -56,8 +92,9 @@ class _CacheEntry:
 
     ``_poll`` asks ``done()`` (always False, so our callback runs inline) and then calls
     ``set_result()`` (nothing to store); both are C callables, so a packet costs no Python call
-    beyond the connection's own method.  ``IocpProactor.close()`` calls ``cancel()``: that
-    cancels the connection's I/O, so that close() gets the packets it waits for.
+    beyond the connection's own method.  Only ``IocpProactor.close()`` calls ``cancel()`` (the
+    engine's sockets are never in ``_stopped_serving``): the engine stops issuing operations
+    and cancels the connection's I/O, so that close() gets the packets it waits for.
     """
 
     __slots__ = ("transport",)
@@ -69,6 +106,7 @@ class _CacheEntry:
         self.transport = transport
 
     def cancel(self, msg: Any = None) -> bool:
+        self.transport._engine.stopped = True
         self.transport._cancel_all()
         return True
 
@@ -99,10 +137,18 @@ class IocpEngine:
         hook = _private.completion_hook(loop)  # InternalsUnavailable: use the stock path
         self.loop = loop
         self.max_read = max_read
+        self.min_read = min(MIN_READ, max_read)
         self.cache = hook.cache
         self.register_socket = hook.register_socket
-        self.pool: list[memoryview] = []
+        #: Free buffers by size, and the identities of those in it (the ownership check).
+        self.pool: dict[int, list[memoryview]] = {}
+        self.pooled: set[int] = set()
         self.transports: set[IocpTransport] = set()
+        #: True once IocpProactor.close() cancelled an entry: issue nothing again.
+        self.stopped = False
+        #: Completions left to handle inline in this loop iteration (see "Fairness").
+        self.budget = COMPLETIONS_PER_ITERATION
+        self.deferred: list[IocpTransport] = []
 
     @property
     def name(self) -> str:
@@ -130,6 +176,52 @@ class IocpEngine:
         self.transports.add(transport)
         return transport
 
+    # -- the pool ---------------------------------------------------------------------------
+
+    def take_buffer(self, size: int) -> memoryview:
+        free = self.pool.get(size)
+        if free:
+            buf = free.pop()
+            self.pooled.discard(id(buf))
+            return buf
+        return memoryview(bytearray(size))
+
+    def give_back(self, buf: memoryview) -> None:
+        """The one way a buffer returns to the pool (or to the allocator, past POOL_LIMIT)."""
+        key = id(buf)
+        if key in self.pooled:
+            raise BufferOwnershipError(f"read buffer {key:#x} given back to the pool twice")
+        free = self.pool.setdefault(len(buf), [])
+        if len(free) < POOL_LIMIT:
+            free.append(buf)
+            self.pooled.add(key)
+
+    def pooled_buffers(self) -> int:
+        return len(self.pooled)
+
+    # -- fairness ---------------------------------------------------------------------------
+
+    def spend(self) -> bool:
+        """Count one completion handled inline; False once this iteration's budget is spent
+        (the caller then re-arms through :meth:`defer`)."""
+        budget = self.budget
+        if budget == COMPLETIONS_PER_ITERATION:
+            self.loop.call_soon(self._new_iteration)
+        self.budget = budget - 1
+        return budget > 0
+
+    def defer(self, transport: IocpTransport) -> None:
+        self.deferred.append(transport)
+
+    def _new_iteration(self) -> None:
+        """Runs once _poll has returned: a fresh budget, and the re-arms that waited."""
+        self.budget = COMPLETIONS_PER_ITERATION
+        deferred, self.deferred = self.deferred, []
+        for transport in deferred:
+            transport._read_again()
+
+    # -- the server's hooks -----------------------------------------------------------------
+
     def sweep(self, now: float) -> None:
         """Move connections that read nothing for QUIET_AFTER seconds to zero-byte reads."""
         for transport in self.transports:
@@ -153,22 +245,25 @@ class IocpEngine:
 
     def close(self) -> None:
         self.pool.clear()
+        self.pooled.clear()
 
 
 class IocpTransport(CompletionTransport):
     """A connection driven by its completion packets (see the module docstring)."""
 
     __slots__ = (
+        "_busy",
         "_engine",
         "_entry",
         "_quieting",
         "_read_buf",
         "_read_ov",
+        "_read_size",
         "_read_started",
         "_send_held",
         "_send_ov",
         "_send_started",
-        "_stash",
+        "_small_reads",
         "_woke_at",
     )
 
@@ -178,13 +273,15 @@ class IocpTransport(CompletionTransport):
         self._entry = _CacheEntry(self)
         self._read_ov: Any = None
         self._read_buf: memoryview | None = None
+        self._read_size = engine.min_read
+        self._small_reads = 0
         self._read_started = 0.0
         self._quieting = False
+        self._busy = False  # BUSY (a pooled buffer per receive) or QUIET (zero-byte receives)
         self._woke_at = 0.0
         self._send_ov: Any = None
         self._send_held: Any = None
         self._send_started = 0.0
-        self._stash: tuple[memoryview, int] | None = None
 
     def _start_reading(self) -> None:
         self._read_quietly()
@@ -193,11 +290,13 @@ class IocpTransport(CompletionTransport):
 
     def _read_quietly(self) -> None:
         """QUIET: a zero-byte receive, pinning nothing until the client sends."""
+        if self._engine.stopped:
+            return
         ov = _overlapped.Overlapped(_NULL)
         try:
             ov.WSARecvInto(self._fileno, _EMPTY, 0)
         except BrokenPipeError:  # the peer is gone: end of stream
-            self._eof_received()
+            self._hold(END_OF_STREAM)
             return
         except OSError as exc:
             self._fatal_error(exc, "WSARecvInto failed")
@@ -207,24 +306,42 @@ class IocpTransport(CompletionTransport):
         self._engine.cache[ov.address] = (self._entry, ov, self._sock, self._read_done)
 
     def _read_busily(self) -> None:
-        """BUSY: an overlapped receive into a pooled buffer of max_read bytes."""
+        """BUSY: an overlapped receive into a pooled buffer of the connection's read size."""
+        engine = self._engine
+        if engine.stopped:
+            return
         buf = self._read_buf
-        if buf is None:
-            pool = self._engine.pool
-            buf = self._read_buf = pool.pop() if pool else memoryview(bytearray(self._max_read))
+        if buf is None or len(buf) != self._read_size:
+            if buf is not None:
+                engine.give_back(buf)
+            buf = self._read_buf = engine.take_buffer(self._read_size)
         ov = _overlapped.Overlapped(_NULL)
         try:
             ov.WSARecvInto(self._fileno, buf, 0)
         except BrokenPipeError:  # the peer is gone: end of stream
             self._release_read_buffer()
-            self._eof_received()
+            self._hold(END_OF_STREAM)
             return
         except OSError as exc:
             self._fatal_error(exc, "WSARecvInto failed")
             return
         self._read_ov = ov
         self._read_started = time.monotonic()
-        self._engine.cache[ov.address] = (self._entry, ov, self._sock, self._read_done)
+        engine.cache[ov.address] = (self._entry, ov, self._sock, self._read_done)
+
+    def _read_again(self) -> None:
+        """The next receive, if this connection still reads (from a loop callback)."""
+        if (
+            self._read_ov is None
+            and self._reading
+            and not self._closing
+            and not self._read_ended
+            and self._backlog is None
+        ):
+            if self._busy:
+                self._read_busily()
+            else:
+                self._read_quietly()
 
     def _read_done(self, transferred: Any, key: Any, ov: Any) -> None:
         """A receive's packet: deliver, then issue the next receive (BUSY or QUIET)."""
@@ -235,18 +352,20 @@ class IocpTransport(CompletionTransport):
         except BrokenPipeError:
             nbytes = 0
         except OSError as exc:
-            if self._closing:
+            if self._closing or self._engine.stopped:
                 self._release_read_buffer()
                 return
             if self._quieting and getattr(exc, "winerror", None) == _ERROR_OPERATION_ABORTED:
                 self._quieting = False  # the sweep's cancel: go QUIET
+                self._busy = False
                 self._release_read_buffer()
                 self._read_quietly()
                 return
-            self._fatal_error(exc, "receive failed")
+            self._release_read_buffer()
+            self._arrived_error(exc, "receive failed")
             return
         self._quieting = False
-        if self._closing:
+        if self._closing or self._engine.stopped:
             self._release_read_buffer()
             return
         stay_quiet = False
@@ -255,8 +374,9 @@ class IocpTransport(CompletionTransport):
             # when woken twice within QUIET_AFTER seconds.
             now = time.monotonic()
             stay_quiet = now - self._woke_at >= QUIET_AFTER
+            self._busy = not stay_quiet
             self._woke_at = now
-            buf = self._read_buf = self._take_buffer()
+            buf = self._read_buf = self._engine.take_buffer(self._read_size)
             try:
                 nbytes = self._sock.recv_into(buf)
             except BlockingIOError:
@@ -264,70 +384,70 @@ class IocpTransport(CompletionTransport):
                 self._read_quietly()  # woken for nothing: wait again
                 return
             except OSError as exc:
-                self._fatal_error(exc, "receive failed")
+                self._release_read_buffer()
+                self._arrived_error(exc, "receive failed")
                 return
         if not nbytes:
             self._release_read_buffer()
-            self._eof_received()
+            self._arrived_eof()
             return
         self.bytes_received += nbytes
-        if not self._reading:
-            self._stash = (buf, nbytes)  # delivered by resume_reading()
-            return
-        try:
-            lend = self._lend
-            if lend is not None:
-                self._lent = view = buf[:nbytes]
-                lend(view)
+        self._adapt_read_size(nbytes, len(buf))
+        if self._reading and self._backlog is None:
+            try:
+                lend = self._lend
+                if lend is not None:
+                    self._lent = view = buf[:nbytes]
+                    lend(view)
+                else:
+                    self._deliver(buf[:nbytes])
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+            finally:
                 self._lent = None
-            else:
-                self._deliver(buf[:nbytes])
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._lent = None
-            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+        else:  # paused: a copy waits in the backlog, the buffer goes back
+            self._hold(bytes(buf[:nbytes]))
+            self._release_read_buffer()
+            return
+        if not self._reading or self._closing or self._read_ov is not None:
+            if self._read_ov is None:
+                self._release_read_buffer()  # nothing will read into it for now
             return
         if stay_quiet:
-            if self._reading and not self._closing and self._read_ov is None:
-                self._release_read_buffer()
-                self._read_quietly()
-            return
-        if self._reading and not self._closing and self._read_ov is None:
-            self._read_busily()  # the next receive, into the same buffer unless a send took it
+            self._release_read_buffer()
+        if self._engine.spend():
+            self._read_again()
+        else:
+            self._engine.defer(self)
 
-    def _take_buffer(self) -> memoryview:
-        pool = self._engine.pool
-        return pool.pop() if pool else memoryview(bytearray(self._max_read))
+    def _adapt_read_size(self, nbytes: int, size: int) -> None:
+        if nbytes == size:
+            self._small_reads = 0
+            if size < self._max_read:
+                self._read_size = min(size * 2, self._max_read)
+        elif nbytes <= size // 4 and size > self._engine.min_read:
+            self._small_reads += 1
+            if self._small_reads >= SHRINK_AFTER:
+                self._small_reads = 0
+                self._read_size = max(size // 2, self._engine.min_read)
+        else:
+            self._small_reads = 0
 
     def _release_read_buffer(self) -> None:
         buf = self._read_buf
         if buf is not None:
             self._read_buf = None
-            pool = self._engine.pool
-            if len(pool) < POOL_LIMIT:
-                pool.append(buf)
+            self._engine.give_back(buf)
 
     def _reading_paused(self) -> None:
-        pass  # the receive in flight stays; its data waits in _stash
+        pass  # the receive in flight stays; what it brings waits in the backlog
 
     def _reading_resumed(self) -> None:
-        stash = self._stash
-        if stash is not None:
-            self._stash = None
-            buf, nbytes = stash
-            try:
-                self._deliver(buf[:nbytes])
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
-                return
-        if self._reading and not self._closing and self._read_ov is None:
-            self._read_busily()
+        self._read_again()
 
     def _stop_reading(self) -> None:
-        self._stash = None
         ov = self._read_ov
         if ov is not None:
             try:
@@ -349,6 +469,8 @@ class IocpTransport(CompletionTransport):
         self._start_send(data)
 
     def _start_send(self, data: bytes | bytearray | memoryview) -> None:
+        if self._engine.stopped:
+            return
         if data is self._lent:
             held: Any = self._read_buf  # the pooled buffer goes with the send
             self._read_buf = None
@@ -360,7 +482,7 @@ class IocpTransport(CompletionTransport):
         try:
             ov.WSASend(self._fileno, data, 0)
         except OSError as exc:
-            self._give_back(held)
+            self._give_back_sent(held)
             self._fatal_error(exc, "WSASend failed")
             return
         self._send_ov = ov
@@ -374,24 +496,19 @@ class IocpTransport(CompletionTransport):
     def _send_done(self, transferred: Any, key: Any, ov: Any) -> None:
         self._send_ov = None
         held, self._send_held = self._send_held, None
+        size = self._sending
         try:
             sent = ov.getresult()
         except OSError as exc:
-            self._give_back(held)
+            self._give_back_sent(held)
             if not self._conn_lost:
                 self._fatal_error(exc, "send failed")
             return
-        if type(held) is memoryview:
-            if self._read_buf is None and self._read_ov is None:
-                self._read_buf = held  # the next receive reuses it
-            else:
-                pool = self._engine.pool
-                if len(pool) < POOL_LIMIT:
-                    pool.append(held)
+        rest = bytes(memoryview(held)[sent:size]) if sent < size else b""
+        self._give_back_sent(held)
         if self._conn_lost:
             return
-        if sent < self._sending:  # overlapped sends complete whole or fail; be safe anyway
-            rest = bytes(memoryview(held)[sent : self._sending]) if held is not None else b""
+        if rest:  # overlapped sends complete whole or fail; be safe anyway
             self.bytes_sent += sent
             self._sending = 0
             self._start_send(rest)
@@ -402,11 +519,20 @@ class IocpTransport(CompletionTransport):
             self.bytes_sent += sent
             self._sending = 0
 
-    def _give_back(self, held: Any) -> None:
+    def _give_back_sent(self, held: Any) -> None:
+        """A send is done with *held*: a pooled buffer becomes the next read's (when the
+        connection has none and reads at that size) or goes back to the pool."""
         if type(held) is memoryview:
-            pool = self._engine.pool
-            if len(pool) < POOL_LIMIT:
-                pool.append(held)
+            if (
+                self._read_buf is None
+                and self._read_ov is None
+                and len(held) == self._read_size
+                and self._reading
+                and not self._closing
+            ):
+                self._read_buf = held
+            else:
+                self._engine.give_back(held)
 
     def _cancel_all(self) -> None:
         for ov in (self._read_ov, self._send_ov):
@@ -419,6 +545,8 @@ class IocpTransport(CompletionTransport):
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         self._engine.transports.discard(self)
         super()._call_connection_lost(exc)
+        if self._read_ov is None:
+            self._release_read_buffer()
 
     # -- introspection ----------------------------------------------------------------------
 

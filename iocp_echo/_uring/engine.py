@@ -1,4 +1,4 @@
-"""The completion engine on io_uring: connections driven by their completions.
+r"""The completion engine on io_uring: connections driven by their completions.
 
 The OS model, for a connection.  One multishot ``RECV`` with ``IOSQE_BUFFER_SELECT`` stays
 armed for as long as the connection reads: each time data arrives the kernel picks a buffer
@@ -11,9 +11,42 @@ is armed again once a buffer comes back.
 
 Sending tries the socket first: a non-blocking ``send()`` usually takes the whole echo, and the
 buffer goes straight back to the ring.  Only when it takes part (or nothing: ``EAGAIN``) is a
-``SEND`` submitted for the rest, from the same provided buffer, which then returns to the ring
-when that send completes.  A later write never overtakes a send in flight: it queues behind it
-(see :class:`~iocp_echo._transport.CompletionTransport`).
+``SEND`` submitted for the rest, from a copy: a peer that does not read must never hold a
+provided buffer.  A later write never overtakes a send in flight: it queues behind it (see
+:class:`~iocp_echo._transport.CompletionTransport`).
+
+Who owns a provided buffer.  The ring is shared by every connection of the server, so one
+connection holding buffers starves all the others; the rule is therefore that the program holds
+a buffer only for the batch of completions that filled it.  Its state is one byte in
+``BufferRing.states``::
+
+    IN_KERNEL --CQE names it (take)--> LENT --delivery returns--> IN_KERNEL (recycle)
+                                         |  \
+                    the lent view written  \  the protocol writes the lent view while the
+                    and flushed inside the  \ read filled its buffer (more of the message
+                    delivery: stays LENT     \ follows in this batch)
+                                              v
+                                            CORKED --end of the batch: sendmsg()--> IN_KERNEL
+
+Exactly one place returns each buffer: the end of its delivery (``_recv_done``) when it is
+still LENT, or the cork's flush when it is CORKED (never the buffer being delivered at that
+moment, which the delivery returns).  What is not sent at once, and whatever arrives while the
+protocol is paused, is copied out first (into the transport's backlog or a pending ``SEND``),
+so a paused connection or a stalled peer holds no buffer at all.  ``BufferRing.recycle``
+refuses a buffer the kernel has (``BufferOwnershipError``) instead of corrupting the ring.
+
+How much a connection can hold.  A multishot receive reads ahead: in one batch of completions
+the kernel may fill dozens of buffers for one connection (everything its socket held), before
+the program sees the first.  For a client that reads its answers that is the fast path; for one
+that floods and never reads, it is memory the server must hold once the protocol pauses.  So a
+connection starts with one-shot receives (one buffer in flight at most, re-armed after each
+delivery) and earns a multishot receive after ``CALM_READS`` reads in a row that did not fill
+their buffer and left its write side idle, the last with nothing unacknowledged in its socket
+(``SIOCOUTQ``: the client has read every answer); a send the socket does not take at once, or a
+pause, cancels the multishot receive and the connection starts over.  A flooding client
+therefore never has more than one read in flight, and what it makes the server hold is bounded
+by the write high-water mark plus one read (plus, once per calm spell, what the last batch of a
+calm connection brought when it turned into a flood).
 
 Completions reach the connection through :meth:`~.proactor.UringProactor.submit_direct`: the
 proactor calls the handler inline from its ``select()``, with no Future and no ``call_soon``.
@@ -26,8 +59,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import socket
+import struct
+import termios
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,16 +71,23 @@ from typing import Any
 from .._transport import CompletionTransport, ConnectionOwner
 from . import abi
 from .proactor import UringProactor, _pin_for_reading
-from .ring import BufferRing
+from .ring import IN_KERNEL, BufferRing
 
 __all__ = ["UringEngine", "UringTransport"]
 
 #: Provided buffers per server: reads in flight at once, across all its connections.
 BUFFER_COUNT = 1024
+#: One-shot receives in a row, each leaving the write side idle, before a connection's
+#: receive becomes multishot (see "How much a connection can hold").
+CALM_READS = 4
 #: Each buffer's size (the per-read limit is ``min(max_read, this)``).
 BUFFER_SIZE = 64 * 1024
 
 _F_MORE = abi.IORING_CQE_F_MORE
+_F_BUFFER = abi.IORING_CQE_F_BUFFER
+#: Buffer states of the program's (see the module docstring); IN_KERNEL is the kernel's.
+_LENT = 1
+_CORKED = 2
 _SHIFT = abi.IORING_CQE_BUFFER_SHIFT
 _OP_RECV = abi.IORING_OP_RECV
 _OP_ACCEPT = abi.IORING_OP_ACCEPT
@@ -93,10 +136,13 @@ class UringEngine:
         )
         self.group = self.buffers.group_id
         self.views = [self.buffers.view(bid) for bid in range(BUFFER_COUNT)]
+        self.states = self.buffers.states
+        self.take = self.buffers.take
         self.recycle = self.buffers.recycle
         self.read_size = self.buffers.buffer_length
         self.starved: list[UringTransport] = []
         self.corked: list[UringTransport] = []
+        self._batch_end: asyncio.Handle | None = None
         self.transports: set[UringTransport] = set()
         #: True when :meth:`start_accepting` can keep one multishot ACCEPT armed per listener.
         self.accepts = capabilities.multishot_accept
@@ -152,26 +198,35 @@ class UringEngine:
             acceptor.stop()
         self._accepting.clear()
 
-    def flush_corked(self) -> None:
-        """End of a batch of completions: send every connection's corked writes."""
+    def at_batch_end(self) -> None:
+        """Have :meth:`_end_batch` run once this batch of completions is delivered."""
+        if self._batch_end is None:
+            self._batch_end = self.loop.call_soon(self._end_batch)
+
+    def _end_batch(self) -> None:
+        """After a batch of completions: send every connection's corked writes (which gives
+        their buffers back), then re-arm the receives that found the ring empty.  Buffers
+        are only held within a batch, so by now every one is back in the kernel's ring; a
+        receive that ran dry earlier in the batch would otherwise wait for ever."""
+        self._batch_end = None
         corked, self.corked = self.corked, []
         for transport in corked:
             transport._flush_cork()
-
-    def rearm_starved(self) -> None:
-        """A buffer came back: connections whose receive ran out of buffers read again."""
         starved, self.starved = self.starved, []
         for transport in starved:
-            if transport._reading and not transport._closing and not transport._recv_tag:
-                transport._arm_recv()
+            transport._rearm_if_reading()
+
+    def held_buffers(self) -> int:
+        """How many provided buffers the program holds now (0 between batches)."""
+        return len(self.states) - self.states.count(IN_KERNEL)
 
     def close(self) -> None:
         """Free the buffers, unless an operation may still select one (then they are kept
         until the loop's proactor closes, which abandons or frees them safely)."""
         if self.proactor.closing or self.buffers.closed:
             return
-        if any(t._recv_tag or t._send_tag for t in self.transports):
-            return
+        if self.proactor.selects_from(self.group):
+            return  # freed when the loop's proactor closes (or abandoned, never unsafe)
         try:
             self.buffers.close()
         except OSError:
@@ -249,33 +304,33 @@ class UringTransport(CompletionTransport):
     """A connection driven by its io_uring completions (see the module docstring)."""
 
     __slots__ = (
+        "_calm",
         "_cork",
         "_cork_bids",
         "_engine",
         "_fill",
-        "_held",
         "_lent_bid",
+        "_recv_multishot",
         "_recv_started",
         "_recv_tag",
         "_send_anchor",
         "_send_rest",
         "_send_started",
         "_send_tag",
-        "_stash",
     )
 
     def __init__(self, engine: UringEngine, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
         super().__init__(engine.loop, sock, *args, **kwargs)
         self._engine = engine
         self._recv_tag = 0
+        self._recv_multishot = False  # the receive armed now is multishot
+        self._calm = 0  # one-shot reads in a row that left the write side idle
         self._recv_started = 0.0
         self._send_tag = 0
         self._send_started = 0.0
-        self._send_rest: Any = None
+        self._send_rest: bytes | None = None
         self._send_anchor: Any = None
-        self._held = -1  # the provided buffer a send in flight is sending from
-        self._lent_bid = -1
-        self._stash: list[tuple[int, int]] | None = None
+        self._lent_bid = -1  # the provided buffer being delivered (LENT), or -1
         self._fill = False  # the read being delivered filled its buffer: more may follow
         self._cork: list[Any] | None = None  # writes held until the end of this batch
         self._cork_bids: list[int] | None = None
@@ -289,6 +344,7 @@ class UringTransport(CompletionTransport):
         engine = self._engine
         if engine.proactor.closing:
             return
+        multishot = self._recv_multishot = engine.multishot and self._calm >= CALM_READS
         try:
             self._recv_tag = engine.proactor.submit_direct(
                 _OP_RECV,
@@ -296,7 +352,7 @@ class UringTransport(CompletionTransport):
                 self._recv_done,
                 kind="recv",
                 nbytes=engine.read_size,
-                ioprio=_MULTISHOT if engine.multishot else 0,
+                ioprio=_MULTISHOT if multishot else 0,
                 sqe_flags=_BUFFER_SELECT,
                 buf_group=engine.group,
             )
@@ -305,109 +361,111 @@ class UringTransport(CompletionTransport):
             return
         self._recv_started = time.monotonic()
 
+    def _rearm_if_reading(self) -> None:
+        if (
+            not self._recv_tag
+            and self._reading
+            and not self._closing
+            and not self._read_ended
+            and self._backlog is None
+        ):
+            self._arm_recv()
+
     def _recv_done(self, res: int, flags: int) -> None:
         """A receive's CQE (one per arrival, while a multishot receive stays armed).
 
         The hot path: the bytes are lent (or handed) to the protocol straight from the
-        provided buffer, which goes back to the kernel at once unless a send kept it."""
+        provided buffer, which goes back to the kernel when the delivery returns, unless a
+        corked write keeps it to the end of the batch.  Bytes the protocol cannot take now
+        (paused, or others wait before them) are copied into the backlog."""
         if not flags & _F_MORE:
             self._recv_tag = 0
-        if res > 0 and self._reading and not self._closing:
-            bid = flags >> _SHIFT
-            self.bytes_received += res
-            engine = self._engine
-            view = engine.views[bid][:res]
-            self._fill = res == engine.read_size
-            try:
-                lend = self._lend
-                if lend is not None:
-                    self._lent = view
-                    self._lent_bid = bid
-                    lend(view)
-                else:
-                    self._deliver(view)
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
-            self._lent = None
-            self._fill = False
-            if self._held != bid and (self._cork_bids is None or bid not in self._cork_bids):
-                engine.recycle(bid)
-                if engine.starved:
-                    engine.rearm_starved()
-            if not self._recv_tag and self._reading and not self._closing:
-                self._arm_recv()
+        if res <= 0:
+            self._recv_other(res, flags)
             return
-        self._recv_other(res, flags)
-
-    def _recv_other(self, res: int, flags: int) -> None:
-        """The rest of a receive's outcomes: data while paused or closing, EOF, errors."""
-        if res > 0:
-            bid = flags >> _SHIFT
-            self.bytes_received += res
-            if self._closing:
-                self._engine.recycle(bid)
-            else:
-                if self._stash is None:
-                    self._stash = []
-                self._stash.append((bid, res))  # delivered by resume_reading()
-            return
-        if res == 0:
-            if not self._closing:
-                self._eof_received()
-            return
-        if self._closing:
-            return
-        if res == -_ECANCELED:  # paused (or resumed again before the cancel landed)
-            if self._reading and not self._recv_tag:
-                self._arm_recv()
-            return
-        if res == -_ENOBUFS:
-            self._engine.starved.append(self)
-            return
-        self._fatal_error(_error(-res), "receive failed")
-
-    def _deliver_from(self, bid: int, nbytes: int) -> None:
-        """Deliver a stashed receive (after resume_reading)."""
+        bid = flags >> _SHIFT
         engine = self._engine
-        view = engine.views[bid][:nbytes]
-        self._lent_bid = bid
+        states = engine.states
+        if states[bid]:
+            engine.take(bid)  # raises BufferOwnershipError: the kernel gave a held buffer
+        states[bid] = _LENT
+        self.bytes_received += res
+        view = engine.views[bid][:res]
         try:
-            if self._lend is not None:
-                self._lent = view
-                self._lend(view)
-            else:
-                self._deliver(view)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+            if self._reading and self._backlog is None and not self._closing:
+                self._fill = res == engine.read_size
+                self._lent_bid = bid
+                try:
+                    lend = self._lend
+                    if lend is not None:
+                        self._lent = view
+                        lend(view)
+                    else:
+                        self._deliver(view)
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+            elif not self._closing:
+                self._hold(bytes(view))
         finally:
             self._lent = None
-            if self._held != bid:
+            self._lent_bid = -1
+            self._fill = False
+            if states[bid] == _LENT:
                 engine.recycle(bid)
-                if engine.starved:
-                    engine.rearm_starved()
+        if not self._recv_tag and self._reading and not self._closing:
+            # A one-shot receive (or a multishot one the kernel ended): arm the next.
+            if (
+                res < engine.read_size
+                and not self._sending
+                and not self._queue
+                and (self._calm < CALM_READS - 1 or _unacknowledged(self._sock) == 0)
+            ):
+                self._calm += 1
+            else:
+                self._calm = 0
+            self._rearm_if_reading()
+
+    def _stop_reading_ahead(self) -> None:
+        """The connection is backing up: no multishot receive until it is calm again."""
+        self._calm = 0
+        # A multishot receive the kernel has seen ends with -ECANCELED, which re-arms; one it
+        # never saw is gone at once: arm a one-shot receive in its place.
+        if (
+            self._recv_multishot
+            and self._recv_tag
+            and self._engine.proactor.cancel_direct(self._recv_tag)
+        ):
+            self._recv_tag = 0
+            self._rearm_if_reading()
+
+    def _recv_other(self, res: int, flags: int) -> None:
+        """The rest of a receive's outcomes: EOF, errors, cancellation, an empty ring."""
+        if flags & _F_BUFFER:  # a buffer picked for no data: give it straight back
+            bid = flags >> _SHIFT
+            self._engine.take(bid)
+            self._engine.recycle(bid)
+        if res == 0:
+            self._arrived_eof()
+        elif res == -_ECANCELED:  # paused or closing (or resumed before the cancel landed)
+            self._rearm_if_reading()
+        elif res == -_ENOBUFS:  # the ring ran dry within this batch: read again after it
+            if not self._closing:
+                self._engine.starved.append(self)
+                self._engine.at_batch_end()
+        else:
+            self._arrived_error(_error(-res), "receive failed")
 
     def _reading_paused(self) -> None:
+        self._calm = 0
         if self._recv_tag and self._engine.proactor.cancel_direct(self._recv_tag):
             self._recv_tag = 0
 
     def _reading_resumed(self) -> None:
-        stash = self._stash
-        while stash and self._reading and not self._closing:
-            bid, nbytes = stash.pop(0)
-            self._deliver_from(bid, nbytes)
-        if not stash:
-            self._stash = None
-        if self._reading and not self._closing and not self._recv_tag:
-            self._arm_recv()
+        self._rearm_if_reading()
 
     def _stop_reading(self) -> None:
-        stash, self._stash = self._stash, None
-        for bid, _nbytes in stash or ():
-            self._engine.recycle(bid)
         if self._recv_tag and self._engine.proactor.cancel_direct(self._recv_tag):
             self._recv_tag = 0
 
@@ -423,6 +481,8 @@ class UringTransport(CompletionTransport):
             return
         if self._eof_written:
             raise RuntimeError("write_eof() already called")
+        if type(data) is memoryview and data.format != "B":
+            data = _byte_view(data)
         if self._cork is not None or self._fill:
             self._cork_write(data)
             return
@@ -435,81 +495,69 @@ class UringTransport(CompletionTransport):
             return
         self.bytes_sent += sent
         if sent != len(data):
-            self._send_remainder(data, sent)
+            self._submit_send(bytes(data[sent:]))
 
     # A read that fills its buffer is usually followed, in the same batch of completions, by
     # the rest of the message (a 65,536-byte message is read as 65,535 + 1 with the default
     # max_read).  Writes made then are held (corked) until the end of the batch and go out in
     # one sendmsg(): one system call and one segment train instead of a tiny second send that
-    # the peer must wake up for.  The provided buffers stay held until then: no copy.
+    # the peer must wake up for.  The provided buffers stay held (CORKED) until then: no copy.
 
     def _cork_write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._cork is None:
+        if self._cork is None or self._cork_bids is None:
             self._cork = []
             self._cork_bids = []
             self._engine.corked.append(self)
-            if len(self._engine.corked) == 1:
-                self._loop.call_soon(self._engine.flush_corked)  # once per batch
-        if data is self._lent:
+            self._engine.at_batch_end()
+        bid = self._lent_bid
+        if bid >= 0 and data is self._lent:
+            self._engine.states[bid] = _CORKED
             self._cork.append(data)
-            self._cork_bids.append(self._lent_bid)  # type: ignore[union-attr]
+            self._cork_bids.append(bid)
         else:
             self._cork.append(bytes(data))
-            self._cork_bids.append(-1)  # type: ignore[union-attr]
         self._queued += len(data)
         if self._queued > self._high_water:
             self._maybe_pause_protocol()
 
     def _flush_cork(self) -> None:
-        """Send what was corked: one sendmsg(); a SEND for what the socket did not take."""
+        """Send what was corked: one sendmsg(); a SEND of a copy for what the socket did not
+        take.  Gives every corked buffer back (but the one being delivered right now)."""
         chunks, bids = self._cork, self._cork_bids
         self._cork = self._cork_bids = None
-        if not chunks or bids is None:
+        if not chunks:
             return
         total = self._queued
         self._queued = 0
-        if self._conn_lost:
-            self._recycle_all(bids)
-            return
-        try:
-            sent = self._sock.sendmsg(chunks)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self._recycle_all(bids)
-            self._fatal_error(exc, "send failed")
-            return
-        self.bytes_sent += sent
-        if sent == total:
-            self._recycle_all(bids)
-            if self._protocol_paused:
-                self._maybe_resume_protocol()
-            return
-        # The rest goes in one SEND: straight from its provided buffer when it is one piece
-        # of one (the usual case: the socket is full), else copied together.
-        pieces: list[tuple[Any, int]] = []
-        for chunk, bid in zip(chunks, bids, strict=True):
-            if sent >= len(chunk):
-                sent -= len(chunk)
-                if bid >= 0:
-                    self._engine.recycle(bid)
-                continue
-            pieces.append((chunk[sent:], bid))
-            sent = 0
-        if len(pieces) == 1 and pieces[0][1] >= 0:
-            rest, self._held = pieces[0]
-        else:
-            rest = b"".join(piece for piece, _bid in pieces)
-            self._recycle_all([bid for _piece, bid in pieces])
-        self._submit_send(rest)
+        sent = 0
+        if not self._conn_lost:
+            try:
+                sent = self._sock.sendmsg(chunks)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._uncork(bids)
+                self._fatal_error(exc, "send failed")
+                return
+            self.bytes_sent += sent
+            if sent != total:
+                self._submit_send(b"".join(chunks)[sent:])
+        self._uncork(bids)
+        if self._protocol_paused:
+            self._maybe_resume_protocol()
 
-    def _recycle_all(self, bids: list[int] | None) -> None:
+    def _uncork(self, bids: list[int] | None) -> None:
+        """The cork no longer needs these buffers: each goes back once, except the one being
+        delivered (it becomes LENT again; its delivery gives it back)."""
+        if not bids:
+            return
         engine = self._engine
-        for bid in bids or ():
-            if bid >= 0:
+        states = engine.states
+        for bid in set(bids):
+            if bid == self._lent_bid:
+                states[bid] = _LENT
+            elif states[bid] == _CORKED:
                 engine.recycle(bid)
-        if engine.starved:
-            engine.rearm_starved()
 
     def close(self) -> None:
         if self._cork is not None:
@@ -523,6 +571,8 @@ class UringTransport(CompletionTransport):
 
     def _start_send(self, data: bytes | bytearray | memoryview) -> None:
         """Write side IDLE: try the socket now; submit a SEND only for what it did not take."""
+        if type(data) is memoryview and data.format != "B":
+            data = _byte_view(data)
         try:
             sent = self._sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -532,20 +582,15 @@ class UringTransport(CompletionTransport):
             return
         self.bytes_sent += sent
         if sent != len(data):
-            self._send_remainder(data, sent)
+            self._submit_send(bytes(data[sent:]))
 
-    def _send_remainder(self, data: bytes | bytearray | memoryview, sent: int) -> None:
-        """The socket took part (or none): SEND the rest, from the provided buffer if lent."""
-        if not data:
-            return
-        if data is self._lent:
-            self._held = self._lent_bid  # the provided buffer goes with the send
-            rest: Any = data[sent:]
-        else:
-            rest = bytes(data[sent:])
-        self._submit_send(rest)
-
-    def _submit_send(self, rest: Any) -> None:
+    def _submit_send(self, rest: bytes) -> None:
+        """SEND *rest* (a copy the transport owns); the write side is SENDING until it is
+        all gone.  One send in flight at most: writes meanwhile queue behind it."""
+        if self._send_tag or not rest:
+            raise AssertionError(
+                f"SEND of {len(rest)} bytes with another in flight ({self._send_tag})"
+            )
         anchor, address, size = _pin_for_reading(rest)
         try:
             self._send_tag = self._engine.proactor.submit_direct(
@@ -560,13 +605,14 @@ class UringTransport(CompletionTransport):
                 anchor=anchor,
             )
         except (OSError, RuntimeError) as exc:
-            self._release_held()
             self._fatal_error(OSError(errno.EBADF, str(exc)), "cannot submit a send")
             return
         self._send_rest = rest
         self._send_anchor = anchor
         self._sending = size
         self._send_started = time.monotonic()
+        if self._calm or self._recv_multishot:
+            self._stop_reading_ahead()
         self._maybe_pause_protocol()
 
     def _send_done(self, res: int, flags: int) -> None:
@@ -574,35 +620,26 @@ class UringTransport(CompletionTransport):
         rest, self._send_rest = self._send_rest, None
         self._send_anchor = None
         if res < 0:
-            self._release_held()
             self._sending = 0
             if not self._conn_lost:
                 self._fatal_error(_error(-res), "send failed")
             return
-        if res < self._sending:  # the kernel took part: send the rest from the same buffer
+        if res < self._sending and rest is not None:  # the kernel took part: SEND the rest
             self.bytes_sent += res
             self._sending = 0
-            if self._conn_lost:
-                self._release_held()
-                return
-            self._submit_send(rest[res:])
+            if not self._conn_lost:
+                self._submit_send(rest[res:])
             return
-        self._release_held()
         if self._conn_lost:
             return
         self._send_completed(res)
 
-    def _release_held(self) -> None:
-        bid = self._held
-        if bid >= 0:
-            self._held = -1
-            engine = self._engine
-            engine.recycle(bid)
-            if engine.starved:
-                engine.rearm_starved()
-
     def _cancel_all(self) -> None:
         proactor = self._engine.proactor
+        if self._cork is not None:  # aborted: what was corked is dropped
+            bids, self._cork, self._cork_bids = self._cork_bids, None, None
+            self._queued = 0
+            self._uncork(bids)
         if proactor.closing:
             return  # its close() cancels everything itself
         if self._recv_tag and proactor.cancel_direct(self._recv_tag):
@@ -610,14 +647,6 @@ class UringTransport(CompletionTransport):
         if self._send_tag and proactor.cancel_direct(self._send_tag):
             self._send_tag = 0
             self._send_rest = self._send_anchor = None
-            self._release_held()
-        stash, self._stash = self._stash, None
-        for bid, _nbytes in stash or ():
-            self._engine.recycle(bid)
-        if self._cork is not None:  # aborted: what was corked is dropped
-            bids, self._cork, self._cork_bids = self._cork_bids, None, None
-            self._queued = 0
-            self._recycle_all(bids)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         self._engine.transports.discard(self)
@@ -634,3 +663,20 @@ class UringTransport(CompletionTransport):
             state = "cancelling" if self._conn_lost else "pending"
             ops.append(("send", state, self._sending, self._send_started))
         return ops
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes sent on *sock* that its peer has not acknowledged yet (``SIOCOUTQ``)."""
+    try:
+        answer = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+    except OSError:
+        return -1
+    unacknowledged: int = struct.unpack("i", answer)[0]
+    return unacknowledged
+
+
+def _byte_view(data: memoryview) -> memoryview:
+    """A view of *data*'s bytes (sizes and offsets count bytes, not items)."""
+    if data.c_contiguous:
+        return data.cast("B")
+    return memoryview(data.tobytes())

@@ -254,7 +254,17 @@ class _Operation:
 class _Direct:
     """A direct operation's record: its handler is called inline with each CQE."""
 
-    __slots__ = ("anchor", "cancelling", "handler", "kind", "nbytes", "obj", "slot", "started")
+    __slots__ = (
+        "anchor",
+        "buf_group",
+        "cancelling",
+        "handler",
+        "kind",
+        "nbytes",
+        "obj",
+        "slot",
+        "started",
+    )
 
     def __init__(
         self,
@@ -263,7 +273,9 @@ class _Direct:
         nbytes: int,
         handler: Callable[[int, int], None],
         anchor: object,
+        buf_group: int,
     ) -> None:
+        self.buf_group = buf_group  # the provided-buffer group it selects from, or -1
         self.kind = kind
         self.obj = obj
         self.nbytes = nbytes
@@ -406,7 +418,8 @@ class UringProactor:
             self._make_room()
         user_data = self._next
         self._next = user_data + 1
-        record = _Direct(kind, fd_owner, nbytes, handler, anchor)
+        selects = sqe_flags & abi.IOSQE_BUFFER_SELECT
+        record = _Direct(kind, fd_owner, nbytes, handler, anchor, buf_group if selects else -1)
         record.slot = ring.push(
             opcode,
             fd,
@@ -422,6 +435,13 @@ class UringProactor:
         self._ops[user_data] = record
         self._unsubmitted[user_data] = record
         return user_data
+
+    def selects_from(self, buf_group: int) -> bool:
+        """Is any operation that may still pick a buffer of *buf_group* in flight?  (A
+        buffer ring must outlive every such operation: see ``BufferRing.close``.)"""
+        return any(
+            isinstance(op, _Direct) and op.buf_group == buf_group for op in self._ops.values()
+        )
 
     def cancel_direct(self, user_data: int) -> bool:
         """Cancel a direct operation.  True: it is gone now (the kernel never saw it; its

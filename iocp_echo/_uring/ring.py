@@ -39,9 +39,16 @@ import threading
 from collections.abc import Iterable
 from typing import Final, NoReturn
 
+from ..errors import BufferOwnershipError
 from . import abi
 
-__all__ = ["DEFAULT_SETUP_MODES", "SETUP_MODES", "BufferRing", "Ring"]
+__all__ = [
+    "DEFAULT_SETUP_MODES",
+    "IN_KERNEL",
+    "SETUP_MODES",
+    "BufferRing",
+    "Ring",
+]
 
 SETUP_MODES: Final[dict[str, int]] = {
     "defer_taskrun": abi.IORING_SETUP_SINGLE_ISSUER
@@ -59,6 +66,11 @@ _Timespec = abi.__kernel_timespec  # (bound here: inside a class body the name w
 #: Buffer rings whose memory the kernel might still write when they were let go (their ring was
 #: closed with operations outstanding): kept alive for the life of the process, never unmapped.
 _abandoned: list[object] = []
+
+
+#: A provided buffer's state in :attr:`BufferRing.states` while the kernel may pick it.  Any
+#: other value means the program holds it (what each value means is the user's business).
+IN_KERNEL: Final = 0
 
 
 def _fail(what: str, code: int | None = None) -> NoReturn:
@@ -369,7 +381,12 @@ class BufferRing:
     Every buffer is in the ring at start.  The kernel takes one for each receive that selects
     from this group (``IOSQE_BUFFER_SELECT``, ``buf_group``) and reports its id in the CQE
     (``flags >> IORING_CQE_BUFFER_SHIFT``); the buffer is the program's until it gives it back
-    with :meth:`recycle`.  Giving back a buffer that is not the program's corrupts the ring.
+    with :meth:`recycle`.  Giving back a buffer that is not the program's would corrupt the
+    ring (one entry too many: a buffer lost, another handed out twice), so ownership is kept
+    in :attr:`states`, one byte per buffer: :data:`IN_KERNEL`, or a nonzero state of the
+    program's choosing set by :meth:`take`.  :meth:`take` of a buffer the program holds and
+    :meth:`recycle` of one the kernel holds raise :class:`BufferOwnershipError` and change
+    nothing.
 
     Ordering: the entry is written before the tail that publishes it.  On x86-64 stores are
     not reordered; on arm64 the kernel reads the tail (with acquire) in this thread's own task
@@ -434,14 +451,33 @@ class BufferRing:
         whole = memoryview(self._memory)
         self._views = [whole[bid * size : (bid + 1) * size] for bid in range(count)]
         whole.release()
+        #: Who holds each buffer: IN_KERNEL, or the program's own nonzero state.
+        self.states = bytearray(count)
         ring.buffer_rings[group_id] = self
 
     def view(self, bid: int) -> memoryview:
         """The whole buffer *bid* (``size`` bytes; the kernel wrote ``res`` of them)."""
         return self._views[bid]
 
+    def take(self, bid: int, state: int = 1) -> None:
+        """The kernel handed buffer *bid* out (a CQE named it): the program holds it now, in
+        *state* (nonzero)."""
+        if self.states[bid] != IN_KERNEL:
+            raise BufferOwnershipError(
+                f"the kernel handed out provided buffer {bid} of group {self.group_id}, "
+                f"which the program still holds (state {self.states[bid]})"
+            )
+        self.states[bid] = state
+
     def recycle(self, bid: int) -> None:
         """Give buffer *bid* back to the kernel: write it at the tail, publish the new tail."""
+        states = self.states
+        if states[bid] == IN_KERNEL:
+            raise BufferOwnershipError(
+                f"provided buffer {bid} of group {self.group_id} given back twice "
+                "(the kernel already has it)"
+            )
+        states[bid] = IN_KERNEL
         tail = self._tail
         self._pack_entry(
             self._entries,
