@@ -568,3 +568,30 @@ async def test_loop_close_returns_with_a_busy_engine_connection_open() -> None:
     await asyncio.get_running_loop().run_in_executor(None, thread.join, 60)
     assert outcome, "loop.close() did not return within 60 s"
     assert outcome[0] < 10, outcome
+
+
+@pytest.mark.iocp
+async def test_receives_rearmed_after_the_budget_never_read_a_false_eof(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """IOCP fairness defers a connection's next receive to the loop once an iteration's
+    budget is spent.  A send that completed meanwhile handed its buffer to the connection,
+    and the zero-byte receive issued next was then taken for a full one that read nothing:
+    a false EOF closed a well-behaved client (found by test_hostile under Wine)."""
+    from iocp_echo._iocp import engine
+
+    monkeypatch.setattr(engine, "COMPLETIONS_PER_ITERATION", 1)  # defer nearly every re-arm
+    async with await iocp_echo.serve_echo("127.0.0.1", 0) as server:
+
+        async def ping_pong(client: int) -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            for i in range(200):
+                message = b"%03d:%04d " % (client, i) * 10
+                writer.write(message)
+                assert await asyncio.wait_for(reader.readexactly(len(message)), 10) == message
+            writer.close()
+            await writer.wait_closed()
+
+        await asyncio.gather(*(ping_pong(client) for client in range(8)))
+        await wait_until(lambda: server.stats().open_connections == 0)
+    assert_nothing_left(server)

@@ -292,6 +292,7 @@ class IocpTransport(CompletionTransport):
         """QUIET: a zero-byte receive, pinning nothing until the client sends."""
         if self._engine.stopped:
             return
+        self._release_read_buffer()  # quiet means no buffer pinned
         ov = _overlapped.Overlapped(_NULL)
         try:
             ov.WSARecvInto(self._fileno, _EMPTY, 0)
@@ -346,6 +347,8 @@ class IocpTransport(CompletionTransport):
     def _read_done(self, transferred: Any, key: Any, ov: Any) -> None:
         """A receive's packet: deliver, then issue the next receive (BUSY or QUIET)."""
         self._read_ov = None
+        # Which receive this was is the buffer it was given: none for a zero-byte receive
+        # (_read_quietly releases the connection's buffer; nothing gives it one meanwhile).
         buf = self._read_buf
         try:
             nbytes = ov.getresult()
@@ -526,6 +529,7 @@ class IocpTransport(CompletionTransport):
             if (
                 self._read_buf is None
                 and self._read_ov is None
+                and self._busy
                 and len(held) == self._read_size
                 and self._reading
                 and not self._closing
