@@ -2,40 +2,50 @@
 
 The OS model.  The parent opened the listening sockets; a worker only ever receives them.
 
-Windows: a socket handle is per process, so the parent calls ``socket.share(pid)`` (Winsock's
-``WSADuplicateSocket``) for this worker's pid and the worker rebuilds it with
-``socket.fromshare()``.  Every worker then holds a handle to the *same* socket, and a socket
-can be associated with one completion port only: the first worker to post ``AcceptEx`` on it
-would own it, and every other worker's association fails with ``ERROR_INVALID_PARAMETER``
-(WinError 87: seen under Wine, and what libuv's handling of imported sockets on Windows
-expects).  So a worker accepts in a thread, with a plain blocking ``accept()`` that needs no
-completion port, and hands each connection to its loop, where the completion engine serves it
-(the connection is a new socket, free to join this worker's port).  The kernel gives each
-connection to one of the waiting ``accept()`` calls, whichever worker's it is.
+Windows: the parent accepts every connection itself and hands each one to a worker in turn
+(``workers.py`` says why): it calls ``socket.share(pid)`` (Winsock's ``WSADuplicateSocket``)
+on the connection for this worker's pid and sends the result down the control pipe; the
+worker rebuilds it with ``socket.fromshare()`` and gives it to its server
+(``EchoServer.adopt()``, on the loop), where the completion engine serves it (the connection
+is a new socket, free to join this worker's completion port).  The worker never accepts: it
+is given one listener (shared the same way) only so that its server has an address, and runs
+with ``serve(..., accept=False)``.
 
-Linux: the parent opened one listener per worker in a ``SO_REUSEPORT`` group, and this
-worker's arrives as an inherited file descriptor; its io_uring accepts on it as usual, and the
-kernel's reuseport hash spreads the connections over the group.
+Linux: the parent opened one set of listeners per worker in a ``SO_REUSEPORT`` group, and this
+worker's arrive as inherited file descriptors; its io_uring accepts on them, and the kernel's
+reuseport hash spreads the connections over the group.
+
+One server per worker, whatever the number of listeners (a host such as ``None`` or
+``localhost`` gives one per address family): ``max_connections`` is this worker's share of the
+whole server's limit, and one server holds it over all the listeners.  The first listener is
+the server's own; the server adopts what the others accept (one accept loop each on the
+loop, through the backend's ``accept``).
 
 The control channel is the worker's stdin and stdout, one JSON object per line, read by a
 plain thread: a pipe handed to a child process on Windows is not overlapped, so the event
 loop's completion port cannot read it, and a thread works the same on both systems.
 
-- parent -> worker: first the configuration (options, listener, label, log level); then
-  ``{"op": "snapshot", "id": N, "limit": L}`` or ``{"op": "stop"}``.
+- parent -> worker: first the configuration (options, listeners, label, log level); then
+  ``{"op": "snapshot", "id": N, "limit": L}``, ``{"op": "connection", "share": S, "peer":
+  P}`` (Windows) or ``{"op": "stop"}``.
 - worker -> parent: ``{"event": "ready", ...}`` once serving; ``{"id": N, "snapshot": ...}``
   per request.
 
 End of file on stdin means the parent is gone: the worker shuts down gracefully, so a
 supervisor killed outright does not leave workers serving behind it.  Ctrl-C and Ctrl-Break
 are ignored here (a console or terminal delivers them to every process in it): the parent
-decides when workers stop, which is what lets a second Ctrl-C force the shutdown.
+decides when workers stop, which is what lets a second Ctrl-C force the shutdown.  SIGTERM
+(POSIX) stops the worker gracefully, as the parent's ``stop`` does: a service manager that
+signals every process of the service (systemd's ``KillMode=control-group``) gets the same
+drain as one that signals the parent only.  (On Windows there is no SIGTERM to catch:
+``os.kill`` and service managers end a process with ``TerminateProcess``.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
@@ -44,16 +54,14 @@ import signal
 import socket
 import sys
 import threading
-import time
-from collections import Counter
 from typing import Any, TextIO
 
-from . import introspection, loops
+from . import _platform, introspection, loops
 from ._transport import DEFAULT_WRITE_HIGH_WATER
 from .errors import os_error_code
 from .listeners import format_address
 from .protocol import DEFAULT_MAX_READ, EchoProtocol
-from .server import ACCEPT_ERROR_BACKOFF, DEFAULT_SHUTDOWN_TIMEOUT, EchoServer, serve, serve_echo
+from .server import ACCEPT_ERROR_BACKOFF, DEFAULT_SHUTDOWN_TIMEOUT, EchoServer, serve
 
 __all__ = ["main"]
 
@@ -67,85 +75,65 @@ def _receive_listener(spec: dict[str, Any]) -> socket.socket:
     return socket.socket(fileno=int(spec["fd"]))
 
 
-def _snapshot(servers: list[EchoServer], limit: int) -> dict[str, Any]:
-    """This worker's stats (summed over its servers) and its *limit* oldest operations."""
-    totals: dict[str, Any] = {}
-    for server in servers:
-        for key, value in dataclasses.asdict(server.stats()).items():
-            if isinstance(value, dict):
-                merged = Counter(totals.get(key, {}))
-                merged.update(value)
-                totals[key] = dict(merged)
-            elif key == "oldest_pending_age":
-                totals[key] = max(totals.get(key, 0.0), value)
-            elif key == "pending_unavailable":
-                totals[key] = totals.get(key) or value
-            else:
-                totals[key] = totals.get(key, 0) + value
-    operations: list[dict[str, Any]] = []
+def _receive_connection(share: str) -> socket.socket:
+    """Windows: a connection the parent accepted and duplicated for this process."""
+    if sys.platform != "win32":
+        raise OSError(f"connections are handed to workers on Windows only, not {sys.platform}")
+    return socket.fromshare(base64.b64decode(share))
+
+
+def _peer(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _snapshot(server: EchoServer, limit: int) -> dict[str, Any]:
+    """This worker's stats and its *limit* oldest operations."""
     unavailable: str | None = None
     try:
-        found = [op for server in servers for op in server.pending_operations()]
+        found = server.pending_operations()
     except introspection.IntrospectionUnavailable as exc:
         found, unavailable = [], str(exc)
     found.sort(key=lambda op: -op.age)
-    operations = [op.as_dict() for op in found[:limit]]
     return {
-        "stats": totals,
-        "operations": operations,
+        "stats": dataclasses.asdict(server.stats()),
+        "operations": [op.as_dict() for op in found[:limit]],
         "operations_total": len(found),
         "operations_unavailable": unavailable,
-        "serving": any(server.is_serving() for server in servers),
+        "serving": server.is_serving(),
     }
 
 
-def _accept_in_thread(server: EchoServer, listener: socket.socket) -> None:
-    """Accept on *listener* in a thread until it is closed, handing each client to *server*
-    on its loop (``EchoServer.adopt``): see the module docstring, Windows."""
+async def _accept_more(server: EchoServer, listener: socket.socket) -> None:
+    """Accept on one more listener of this worker and have *server* serve what arrives, so
+    that one server (one ``max_connections`` share) covers every listener."""
     loop = asyncio.get_running_loop()
-    listener.setblocking(True)
+    backend = _platform.backend()
     local = format_address(listener.getsockname())
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, address = listener.accept()
-            except OSError as exc:
-                if listener.fileno() == -1 or not server.is_serving():
-                    return  # closed by close(): the accept was interrupted
-                logger.warning(
-                    "accept on %s failed: %s (OS error %s); retrying in %.1f s",
-                    local,
-                    exc,
-                    os_error_code(exc),
-                    ACCEPT_ERROR_BACKOFF,
-                )
-                time.sleep(ACCEPT_ERROR_BACKOFF)  # this thread only: the loop runs on
-                continue
-            try:
-                loop.call_soon_threadsafe(server.adopt, conn, address)
-            except RuntimeError:  # the loop has closed
-                conn.close()
+    while True:
+        future = backend.accept(loop, listener)
+        try:
+            conn, address = await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result()[0].close()  # accepted just as we were cancelled
+            elif not future.done():
+                future.cancel()
+            raise
+        except OSError as exc:
+            if not server.is_serving():
                 return
-
-    threading.Thread(target=accept, name="iocp_echo accept", daemon=True).start()
-
-
-async def _serve_handed(listener: socket.socket, options: dict[str, Any]) -> EchoServer:
-    """Windows: an echo server on *listener*, accepting in a thread (module docstring)."""
-    max_read = int(options.get("max_read", DEFAULT_MAX_READ))
-    server = await serve(
-        lambda: EchoProtocol(max_read=max_read),
-        max_read=max_read,
-        max_connections=options.get("max_connections"),
-        idle_timeout=options.get("idle_timeout"),
-        write_high_water=int(options.get("write_high_water", DEFAULT_WRITE_HIGH_WATER)),
-        shutdown_timeout=float(options.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)),
-        sock=listener,
-        accept=False,
-    )
-    _accept_in_thread(server, listener)
-    return server
+            transient = backend.is_transient_accept_error(exc)
+            logger.log(
+                logging.WARNING if transient else logging.ERROR,
+                "accept on %s failed: %s (OS error %s)",
+                local,
+                exc,
+                os_error_code(exc),
+            )
+            if not transient:
+                await asyncio.sleep(ACCEPT_ERROR_BACKOFF)
+            continue
+        server.adopt(conn, address)
 
 
 class _Channel:
@@ -165,32 +153,38 @@ class _Channel:
                 pass  # the parent is gone: the stdin reader sees EOF and stops the worker
 
 
-async def _serve(config: dict[str, Any], listeners: list[socket.socket], out: _Channel) -> None:
+async def _serve(
+    config: dict[str, Any], listeners: list[socket.socket], out: _Channel, stopped: asyncio.Event
+) -> None:
+    """Serve until *stopped* is set (by the parent's ``stop``, its end, or SIGTERM)."""
     loop = asyncio.get_running_loop()
     options = dict(config["options"])
-    servers: list[EchoServer] = []
+    handed = sys.platform == "win32"  # the parent accepts and hands connections over
+    max_read = int(options.get("max_read", DEFAULT_MAX_READ))
     try:
-        for listener in listeners:
-            if sys.platform == "win32":
-                servers.append(await _serve_handed(listener, options))
-            else:
-                servers.append(await serve_echo(sock=listener, **options))
+        server = await serve(
+            lambda: EchoProtocol(max_read=max_read),
+            max_read=max_read,
+            max_connections=options.get("max_connections"),
+            idle_timeout=options.get("idle_timeout"),
+            write_high_water=int(options.get("write_high_water", DEFAULT_WRITE_HIGH_WATER)),
+            shutdown_timeout=float(options.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)),
+            sock=listeners[0],
+            accept=not handed,
+        )
     except BaseException:
-        for server in servers:
-            server.close()
-        for listener in listeners[len(servers) :]:
+        for listener in listeners:
             listener.close()
         raise
-    stopped = asyncio.Event()
+    extra = [] if handed else listeners[1:]
+    accepting = [asyncio.create_task(_accept_more(server, listener)) for listener in extra]
 
-    def stop() -> None:
-        for server in servers:
-            server.close()
-        stopped.set()
+    def adopt(conn: socket.socket, peer: Any) -> None:
+        server.adopt(conn, peer)  # closes it at once if the server is closing
 
     def answer(request: dict[str, Any]) -> None:
         limit = int(request.get("limit", 0))
-        out.send({"id": request["id"], "snapshot": _snapshot(servers, limit)})
+        out.send({"id": request["id"], "snapshot": _snapshot(server, limit)})
 
     def read_commands() -> None:
         for line in sys.stdin:
@@ -198,25 +192,78 @@ async def _serve(config: dict[str, Any], listeners: list[socket.socket], out: _C
                 request = json.loads(line)
             except ValueError:
                 continue
-            if request.get("op") == "snapshot":
+            op = request.get("op")
+            if op == "connection":
+                try:
+                    conn = _receive_connection(request["share"])
+                except OSError as exc:
+                    logger.warning("cannot take a connection from the parent: %s", exc)
+                    continue
+                try:
+                    loop.call_soon_threadsafe(adopt, conn, _peer(request.get("peer")))
+                except RuntimeError:  # the loop has closed
+                    conn.close()
+            elif op == "snapshot":
                 loop.call_soon_threadsafe(answer, request)
-            elif request.get("op") == "stop":
+            elif op == "stop":
                 break
-        loop.call_soon_threadsafe(stop)  # asked to stop, or the parent went away (EOF)
+        with contextlib.suppress(RuntimeError):  # asked to stop, or the parent went away
+            loop.call_soon_threadsafe(stopped.set)
 
     threading.Thread(target=read_commands, name="iocp_echo worker control", daemon=True).start()
-    first = servers[0]
     out.send(
         {
             "event": "ready",
             "pid": os.getpid(),
-            "backend": first.backend_name,
-            "engine": first.engine_name,
+            "backend": server.backend_name,
+            "engine": server.engine_name,
         }
     )
-    await stopped.wait()
-    for server in servers:
+    try:
+        await stopped.wait()
+    finally:
+        server.close()
+        for task in accepting:
+            task.cancel()
+        await asyncio.gather(*accepting, return_exceptions=True)
+        for listener in extra:
+            listener.close()
         await server.wait_closed()
+
+
+async def _run(config: dict[str, Any], listeners: list[socket.socket], out: _Channel) -> None:
+    """:func:`_serve`, stopping gracefully on SIGTERM too (POSIX; see the module docstring)."""
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    if sys.platform == "win32":
+        await _serve(config, listeners, out, stopped)
+        return
+
+    def terminated() -> None:
+        if not stopped.is_set():
+            logger.info("SIGTERM: stopping gracefully")
+            stopped.set()
+
+    def handler(signum: int, frame: object) -> None:
+        # In the main thread between two bytecodes: only schedule the stop.
+        with contextlib.suppress(RuntimeError):  # the loop has closed
+            loop.call_soon_threadsafe(terminated)
+
+    signal.signal(signal.SIGTERM, handler)
+    if _terminated.is_set():  # SIGTERM came before the loop ran
+        terminated()
+    try:
+        await _serve(config, listeners, out, stopped)
+    finally:
+        # Drained: a SIGTERM from now on (a service manager signalling every process just as
+        # the parent's stop let this one finish) has nothing left to stop.  Ignored, not the
+        # default action, which CPython restores for Python handlers as the process exits
+        # and which would make a clean stop look like a death by SIGTERM.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+#: A SIGTERM that arrives before the loop runs (while the worker starts up) is kept here.
+_terminated = threading.Event()
 
 
 def main() -> int:
@@ -225,6 +272,9 @@ def main() -> int:
         number = getattr(signal, name, None)
         if number is not None:
             signal.signal(number, signal.SIG_IGN)
+    if sys.platform != "win32":
+        # Until the loop takes SIGTERM over (_run), remember it instead of dying at once.
+        signal.signal(signal.SIGTERM, lambda signum, frame: _terminated.set())
     out = _Channel(sys.stdout)
     config = json.loads(sys.stdin.readline() or "null")
     if not isinstance(config, dict):
@@ -237,7 +287,7 @@ def main() -> int:
     )
     listeners = [_receive_listener(spec) for spec in config["listeners"]]
     try:
-        loops.run(_serve(config, listeners, out))
+        loops.run(_run(config, listeners, out))
     except Exception as exc:
         logger.error("%s cannot serve: %s: %s", label, type(exc).__name__, exc, exc_info=exc)
         return 3

@@ -5,20 +5,27 @@ One Python process runs on one core.  :func:`run_workers` opens the listening so
 starts N worker processes that each run their own completion loop and echo server on what it
 was given (``_workers_child.py`` says how on each OS):
 
-- Windows: one listener, shared with every worker (``socket.share``); each worker accepts on
-  it in a thread, because a socket joins one completion port only, and serves the connection
-  on its own completion port.  The kernel hands each connection to one waiting ``accept``.
+- Windows: this process accepts (``AcceptEx`` on its own completion port) and hands each
+  connection to the next ready worker in turn, as a handle duplicated for that worker
+  (``socket.share``) sent down its control pipe; the worker serves it on its own completion
+  port.  Workers cannot all accept on the one listener: a socket joins one completion port
+  only, and with a blocking ``accept()`` per worker nothing spreads the connections (measured
+  under Wine: one worker took 100 of 100 connections in about one run in five).  Handing them
+  out in turn spreads them exactly.
 - Linux: one listener per worker, all on the port in a ``SO_REUSEPORT`` group, each inherited
   by its worker; the kernel's reuseport hash spreads the connections.  (One inherited socket
   accepted on by every worker's io_uring gave the first worker every connection, measured.)
 
 The parent serves no connections.  It supervises: a worker that dies is restarted after a
-back-off (0.1 s, doubling, at most 5 s) with a WARNING naming its exit status, and a worker
-that dies :data:`CRASH_LIMIT` times within :data:`CRASH_WINDOW` seconds stops the whole server
-with :class:`WorkersFailed`, rather than restarting forever.  Ctrl-C, SIGTERM and Ctrl-Break
-ask every worker to stop gracefully (in-flight echoes drain, bounded by ``shutdown_timeout``);
-a second one kills them.  No worker outlives the parent: each treats the end of its control
-pipe as an order to stop.
+back-off (:func:`restart_delay`: 0.1 s, doubling per death within :data:`CRASH_WINDOW`:
+0.1, 0.2, 0.4, 0.8 s) with a WARNING naming its exit status, and a worker that dies
+:data:`CRASH_LIMIT` times within :data:`CRASH_WINDOW` seconds stops the whole server with
+:class:`WorkersFailed`, rather than restarting forever.  Ctrl-C, SIGTERM and Ctrl-Break ask
+every worker to stop gracefully (in-flight echoes drain, bounded by ``shutdown_timeout``); a
+second one kills them.  A stop signal that arrives while the pool is still starting is kept
+and acted on as soon as its loop runs.  A worker given SIGTERM itself (a service manager
+signalling every process of the service) drains the same way.  No worker outlives the parent:
+each treats the end of its control pipe as an order to stop.
 
 The parent also answers for the workers: :class:`WorkersView` has the ``stats()``,
 ``pending_operations()`` and ``snapshot()`` of an :class:`~iocp_echo.EchoServer`, built by
@@ -48,11 +55,14 @@ from pathlib import Path
 from typing import Any, cast
 
 from . import _platform
+from ._logflood import LogLimiter
 from .admin import DEFAULT_STUCK_AFTER, MAX_OPERATIONS_LIMIT, log_stats, start_admin
-from .errors import IocpEchoError
+from .errors import IocpEchoError, os_error_code
 from .listeners import format_address, open_listeners, validate_port, validate_positive
 from .protocol import DEFAULT_MAX_READ
 from .server import (
+    ACCEPT_ERROR_BACKOFF,
+    ACCEPTS_IN_FLIGHT,
     DEFAULT_BACKLOG,
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -70,6 +80,7 @@ __all__ = [
     "WorkersStats",
     "WorkersView",
     "resolve_workers",
+    "restart_delay",
     "run_workers",
 ]
 
@@ -78,9 +89,10 @@ logger = logging.getLogger("iocp_echo.workers")
 #: A worker that dies this many times within CRASH_WINDOW seconds stops the server.
 CRASH_LIMIT = 5
 CRASH_WINDOW = 60.0
-#: Restart back-off: the first restart after this long, doubling per recent crash, capped.
+#: Restart back-off: the first restart after this long, doubling per death within
+#: CRASH_WINDOW.  The crash limit bounds it: the longest wait is before the last restart
+#: allowed, RESTART_BACKOFF * 2 ** (CRASH_LIMIT - 2) (0.8 s).
 RESTART_BACKOFF = 0.1
-RESTART_BACKOFF_MAX = 5.0
 #: How long the parent waits for the workers' answers when asked for stats.
 STATS_TIMEOUT = 2.0
 #: Beyond shutdown_timeout, what a worker gets to finish closing before it is killed (its
@@ -117,6 +129,12 @@ def resolve_workers(workers: object) -> int:
     if workers < 0:
         raise ValueError(f"workers must be 0 (one per CPU) or more, got {workers}")
     return workers or os.cpu_count() or 1
+
+
+def restart_delay(recent_deaths: int) -> float:
+    """How long to wait before restarting a worker that has died *recent_deaths* times
+    within :data:`CRASH_WINDOW` (this death included): 0.1 s, doubling each time."""
+    return RESTART_BACKOFF * (1 << (max(1, recent_deaths) - 1))
 
 
 def describe_exit(status: int) -> str:
@@ -205,6 +223,13 @@ class _Worker:
 _stderr_lock = threading.Lock()
 
 
+def _share(conn: socket.socket, pid: int) -> str:
+    """*conn* duplicated for process *pid* (``socket.share``), as text for the control pipe."""
+    if sys.platform != "win32":
+        raise OSError(f"sockets are handed to workers on Windows only, not {sys.platform}")
+    return base64.b64encode(conn.share(pid)).decode()
+
+
 def _relay_stderr(stream: Any) -> None:
     """Copy a worker's log lines to this process's ``sys.stderr`` (whatever it is now)."""
     for line in iter(stream.readline, b""):
@@ -219,7 +244,7 @@ def _relay_stderr(stream: Any) -> None:
 
 
 class WorkerPool:
-    """The parent of N workers sharing one listener (see the module docstring).
+    """The parent of N workers serving one port (see the module docstring).
 
     Constructing it checks every argument and opens the listening socket(s), raising what
     :func:`~iocp_echo.serve_echo` raises for them; :meth:`run` starts and supervises the
@@ -277,12 +302,20 @@ class WorkerPool:
         self._all_stopped: asyncio.Event | None = None
         self._all_ready: asyncio.Event | None = None
         self._cache: tuple[float, list[dict[str, Any]]] | None = None
+        #: Stop signals that came before the loop existed, acted on once it runs.
+        self._early_stops: list[str] = []
+        #: Windows: this process accepts and hands each connection to the next ready worker.
+        self._hands_out = sys.platform == "win32"
+        self._dispatchers: list[asyncio.Task[None]] = []
+        self._some_ready: asyncio.Event | None = None
+        self._turn = 0
+        self._log = LogLimiter(logger)
         self.view = WorkersView(self)
 
     def _open_listeners(self, host: str, port: int, backlog: int) -> None:
         """Open every listening socket now, in the parent, so errors are reported once.
 
-        Windows: one set of listeners, shared with every worker (``socket.share``).  Linux:
+        Windows: one set of listeners, on which this process accepts for every worker.  Linux:
         one set per worker in a ``SO_REUSEPORT`` group on the same port, each inherited by
         its worker, because measured on this project's kernel one inherited socket gave
         io_uring's accepts in the first worker every connection (500 of 500) while the
@@ -391,9 +424,15 @@ class WorkerPool:
         previous: dict[int, Any] = {}
 
         def handler(signum: int, frame: object) -> None:
+            name = signal.Signals(signum).name
             loop = self._loop
             if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(self.request_stop, signal.Signals(signum).name)
+                loop.call_soon_threadsafe(self.request_stop, name)
+            elif loop is None:
+                # Before _supervise() runs (the loop is being made): kept, not dropped.  This
+                # handler and _supervise() run in the same (main) thread, so _supervise()
+                # either sees this entry or has set self._loop before the handler ran.
+                self._early_stops.append(name)
 
         for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
             number = getattr(signal, name, None)
@@ -417,8 +456,15 @@ class WorkerPool:
         self._stop_requested = asyncio.Event()
         self._all_stopped = asyncio.Event()
         self._all_ready = asyncio.Event()
+        self._some_ready = asyncio.Event()
+        for reason in self._early_stops:
+            self.request_stop(reason)
         for worker in self._workers:
             self._start_worker(worker)
+        if self._hands_out and not self._stopping:
+            for listener in self._listeners[1]:
+                for _ in range(ACCEPTS_IN_FLIGHT):
+                    self._dispatchers.append(asyncio.create_task(self._hand_out(listener)))
         helpers: list[asyncio.Task[None]] = []
         admin = None
         try:
@@ -453,6 +499,8 @@ class WorkerPool:
         finally:
             for task in helpers:
                 task.cancel()
+            self._stop_handing_out()
+            await asyncio.gather(*self._dispatchers, return_exceptions=True)
             if admin is not None:
                 admin.close()
                 await admin.wait_closed()
@@ -462,6 +510,76 @@ class WorkerPool:
                 for worker in self._workers:
                     if worker.process is not None:
                         await asyncio.to_thread(worker.process.wait)
+
+    # -- Windows: accepting here, handing each connection to a worker in turn ----------------
+
+    async def _hand_out(self, listener: socket.socket) -> None:
+        """Accept on *listener* while a worker is ready to take the connection, and give each
+        one to the next worker in turn (see the module docstring).  While no worker is ready
+        (all being restarted) nothing is accepted: clients wait in the listen backlog."""
+        assert self._loop is not None and self._some_ready is not None
+        while True:
+            await self._some_ready.wait()
+            future = self._backend.accept(self._loop, listener)
+            try:
+                conn, address = await future
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    future.result()[0].close()  # accepted just as we were cancelled
+                elif not future.done():
+                    future.cancel()
+                raise
+            except OSError as exc:
+                if self._stopping:
+                    return
+                transient = self._backend.is_transient_accept_error(exc)
+                self._log.log(
+                    "accept failed",
+                    logging.WARNING if transient else logging.ERROR,
+                    "accept on %s failed: %s (OS error %s); %s",
+                    format_address(listener.getsockname()),
+                    exc,
+                    os_error_code(exc),
+                    "still accepting" if transient else f"retrying in {ACCEPT_ERROR_BACKOFF:.1f} s",
+                    error_class=type(exc).__name__,
+                )
+                if not transient:
+                    await asyncio.sleep(ACCEPT_ERROR_BACKOFF)
+                continue
+            self._give(conn, address)
+
+    def _give(self, conn: socket.socket, address: Any) -> None:
+        """Send *conn* to the next ready worker (round-robin); close it if none can take it."""
+        try:
+            ready = [w for w in self._workers if w.ready and w.state == "running" and w.process]
+            for _ in ready:
+                worker = ready[self._turn % len(ready)]
+                self._turn += 1
+                process = worker.process
+                assert process is not None
+                try:
+                    shared = _share(conn, process.pid)
+                except OSError as exc:  # it has just exited: try the next one
+                    logger.debug("cannot share a connection with worker %d: %s", worker.index, exc)
+                    continue
+                message = {"op": "connection", "share": shared, "peer": address}
+                if worker.send(message):
+                    return
+            self._log.log(
+                "connection dropped",
+                logging.WARNING,
+                "closing the connection from %s: no worker could take it",
+                format_address(address),
+                error_class="no worker",
+            )
+        finally:
+            conn.close()  # a worker has its own handle now, or nobody serves it
+
+    def _stop_handing_out(self) -> None:
+        for task in self._dispatchers:
+            task.cancel()
+        if self._some_ready is not None:
+            self._some_ready.clear()
 
     async def _report(self, every: float, stuck_after: float) -> None:
         while True:
@@ -478,6 +596,7 @@ class WorkerPool:
                 self._kill_all()
             return
         self._stopping = True
+        self._stop_handing_out()
         logger.info("%s: stopping %d worker(s) gracefully", reason, len(self._workers))
         for worker in self._workers:
             if worker.restart_handle is not None:
@@ -512,6 +631,10 @@ class WorkerPool:
         worker.ready = False
         posix = sys.platform != "win32"
         listeners = self._listeners[worker.index]
+        if self._hands_out:
+            # The worker never accepts: it gets connections from us.  Its server still needs
+            # a listener to be (its address, in logs and snapshots): the first one.
+            listeners = listeners[:1]
         try:
             process = subprocess.Popen(
                 [sys.executable, "-c", _BOOT, _PACKAGE_ROOT],
@@ -530,13 +653,13 @@ class WorkerPool:
         worker.pid = process.pid
         specs: list[dict[str, Any]]
         if sys.platform == "win32":
-            specs = [{"share": base64.b64encode(s.share(process.pid)).decode()} for s in listeners]
+            specs = [{"share": _share(s, process.pid)} for s in listeners]
         else:
             specs = [{"fd": s.fileno()} for s in listeners]
         options = dict(self._options)
-        share = self.max_connections_share(worker.index)
-        if share is not None:
-            options["max_connections"] = max(1, share // len(listeners))
+        # For the worker as a whole: it runs one server for all its listeners (see
+        # _workers_child.py), which holds this limit over every one of them.
+        options["max_connections"] = self.max_connections_share(worker.index)
         worker.send(
             {
                 "worker": worker.index,
@@ -589,6 +712,9 @@ class WorkerPool:
             worker.state = "running"
         if worker.restarts:
             logger.info("worker %d is back (pid %d)", worker.index, process.pid)
+        if not self._stopping:
+            assert self._some_ready is not None
+            self._some_ready.set()
         if all(w.ready for w in self._workers):
             assert self._all_ready is not None
             self._all_ready.set()
@@ -600,6 +726,8 @@ class WorkerPool:
             return
         worker.process = None
         worker.ready = False
+        if self._some_ready is not None and not any(w.ready for w in self._workers):
+            self._some_ready.clear()
         pid = "-" if process is None else str(process.pid)
         if self._stopping:
             worker.state = "stopped"
@@ -620,7 +748,7 @@ class WorkerPool:
             logger.error("%s", self._fatal)
             self.request_stop("crash loop")
             return
-        delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF * 2 ** (len(worker.crashes) - 1))
+        delay = restart_delay(len(worker.crashes))
         logger.warning(
             "worker %d (pid %s) exited unexpectedly with %s; restarting it in %.1f s",
             worker.index,
