@@ -459,7 +459,8 @@ class CompletionTransport(asyncio.Transport):
             self.close()
 
     def _send_completed(self, sent: int) -> None:
-        """The send in flight finished: send what is queued, or finish a close/EOF."""
+        """The send in flight finished: send what is queued; once the write side is IDLE
+        (the queued bytes may all go at once), finish a pending close or EOF."""
         self.bytes_sent += sent
         self._sending = 0
         queue = self._queue
@@ -468,13 +469,15 @@ class CompletionTransport(asyncio.Transport):
             self._queue = None
             self._queued = 0
             self._start_send(data)
-        elif self._closing:
-            if not self._conn_lost:
-                self._schedule_connection_lost(None)
+        if self._conn_lost:
             return
-        elif self._eof_pending:
-            self._eof_pending = False
-            self._shutdown_write()
+        if not self._sending and not self._queue:
+            if self._closing:
+                self._schedule_connection_lost(None)
+                return
+            if self._eof_pending:
+                self._eof_pending = False
+                self._shutdown_write()
         if self._protocol_paused:
             self._maybe_resume_protocol()
 

@@ -595,3 +595,26 @@ async def test_receives_rearmed_after_the_budget_never_read_a_false_eof(
         await asyncio.gather(*(ping_pong(client) for client in range(8)))
         await wait_until(lambda: server.stats().open_connections == 0)
     assert_nothing_left(server)
+
+
+async def test_close_finishes_once_the_last_queued_bytes_are_sent() -> None:
+    """Closing with echoes queued behind a send in flight waited for shutdown_timeout even
+    after the client had every byte: when the queue then went out in one go, nothing finished
+    the close (found while testing workers' SIGTERM drain)."""
+    loop = asyncio.get_running_loop()
+    async with await iocp_echo.serve_echo("127.0.0.1", 0, shutdown_timeout=60) as server:
+        sock = await connect(server.port, rcvbuf=4096)
+        sent = 0
+        async with asyncio.timeout(60):
+            while server.stats().bytes_unsent == 0:  # until echoes queue behind a send
+                await loop.sock_sendall(sock, b"x" * 65536)
+                sent += 65536
+                await wait_until(lambda total=sent: server.stats().bytes_received == total)
+        reading = asyncio.ensure_future(recv_until_eof(sock, timeout=60))
+        started = time.monotonic()
+        server.close()
+        await server.wait_closed()
+        assert time.monotonic() - started < 30
+        assert len(await reading) == sent
+        sock.close()
+    assert_nothing_left(server)
