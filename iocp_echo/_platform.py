@@ -45,9 +45,6 @@ class Engine(Protocol):
     @property
     def name(self) -> str: ...
 
-    #: Whether the server's sweep must call :meth:`sweep` (to reclaim buffers from quiet
-    #: connections) even without an idle timeout.
-    needs_sweep: bool
     #: Whether the engine accepts itself (:meth:`start_accepting`); else the server runs its
     #: own accept loop with :meth:`Backend.accept`.
     accepts: bool
@@ -62,7 +59,8 @@ class Engine(Protocol):
         owner: ConnectionOwner | None,
     ) -> CompletionTransport: ...
 
-    def sweep(self, now: float) -> None: ...
+    def sweep(self, now: float) -> None:
+        """Called by the server about once a second: give back memory nothing uses."""
 
     def start_accepting(
         self,

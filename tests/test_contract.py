@@ -609,7 +609,7 @@ async def test_close_finishes_once_the_last_queued_bytes_are_sent() -> None:
             while server.stats().bytes_unsent == 0:  # until echoes queue behind a send
                 await loop.sock_sendall(sock, b"x" * 65536)
                 sent += 65536
-                await wait_until(lambda total=sent: server.stats().bytes_received == total)
+                await wait_until(lambda: server.stats().bytes_received == sent)  # noqa: B023
         reading = asyncio.ensure_future(recv_until_eof(sock, timeout=60))
         started = time.monotonic()
         server.close()

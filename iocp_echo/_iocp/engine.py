@@ -129,7 +129,6 @@ def describe_entry(entry: object, ov: Any) -> tuple[str, str, int, float] | None
 class IocpEngine:
     """One server's completion engine: its read-buffer pool and its connections."""
 
-    needs_sweep = True
     #: Accepts stay the server's AcceptEx loop (one operation each: no multishot on IOCP).
     accepts = False
 

@@ -116,8 +116,6 @@ class UringEngine:
     """One server's completion engine: its provided-buffer ring, its connections, and (on
     kernels with multishot accept) its listeners' accepts."""
 
-    needs_sweep = False
-
     def __init__(self, loop: asyncio.AbstractEventLoop, *, max_read: int) -> None:
         global _next_group
         proactor = getattr(loop, "proactor", None)
@@ -143,6 +141,7 @@ class UringEngine:
         self.starved: list[UringTransport] = []
         self.corked: list[UringTransport] = []
         self._batch_end: asyncio.Handle | None = None
+        self._pages_returned = False  # since the last receive was armed
         self.transports: set[UringTransport] = set()
         #: True when :meth:`start_accepting` can keep one multishot ACCEPT armed per listener.
         self.accepts = capabilities.multishot_accept
@@ -177,7 +176,20 @@ class UringEngine:
         return transport
 
     def sweep(self, now: float) -> None:
-        pass  # nothing to reclaim: idle connections hold no buffer
+        """Give the pages of the provided buffers back to the OS while no receive can pick
+        one (no connection is reading: after a flood's clients have gone, say).  Each buffer
+        touched once stays resident otherwise (64 MiB for the whole ring); a buffer the kernel
+        picks later is simply faulted in again."""
+        if self._pages_returned or self.buffers.closed:
+            return
+        if (
+            self.proactor.selects_from(self.group)
+            or self.proactor.completions_waiting()
+            or self.held_buffers()
+        ):
+            return
+        self.buffers.release_pages()
+        self._pages_returned = True
 
     def start_accepting(
         self,
@@ -344,6 +356,7 @@ class UringTransport(CompletionTransport):
         engine = self._engine
         if engine.proactor.closing:
             return
+        engine._pages_returned = False
         multishot = self._recv_multishot = engine.multishot and self._calm >= CALM_READS
         try:
             self._recv_tag = engine.proactor.submit_direct(

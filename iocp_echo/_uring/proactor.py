@@ -436,6 +436,10 @@ class UringProactor:
         self._unsubmitted[user_data] = record
         return user_data
 
+    def completions_waiting(self) -> bool:
+        """Were completions reaped that the next :meth:`select` has still to deliver?"""
+        return bool(self._deferred)
+
     def selects_from(self, buf_group: int) -> bool:
         """Is any operation that may still pick a buffer of *buf_group* in flight?  (A
         buffer ring must outlive every such operation: see ``BufferRing.close``.)"""

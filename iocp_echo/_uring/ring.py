@@ -490,6 +490,16 @@ class BufferRing:
         self._tail = tail
         self._tail_word.value = tail
 
+    def release_pages(self) -> None:
+        """Drop the buffers' pages (``MADV_DONTNEED``): the memory reads as zeros and costs
+        nothing until written again.  Only while no operation can select a buffer of this
+        group and the program holds none: their contents would be lost."""
+        if any(self.states):
+            raise BufferOwnershipError(
+                f"release_pages() of group {self.group_id} while the program holds buffers"
+            )
+        self._memory.madvise(mmap.MADV_DONTNEED)
+
     @property
     def closed(self) -> bool:
         return self._ring is None
