@@ -618,3 +618,161 @@ async def test_close_finishes_once_the_last_queued_bytes_are_sent() -> None:
         assert len(await reading) == sent
         sock.close()
     assert_nothing_left(server)
+
+
+# -- the suspected defects of the review, each settled -----------------------------------------
+
+
+@pytest.mark.uring
+async def test_receives_starved_of_buffers_are_armed_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Suspected: a receive that ended with ENOBUFS (the ring empty) was re-armed only by
+    some of the paths that give buffers back.  With a ring of two buffers and 64 clients
+    sending at once, most receives run dry; every client still gets its echo."""
+    from iocp_echo._uring import engine
+
+    monkeypatch.setattr(engine, "BUFFER_COUNT", 2)
+    async with await iocp_echo.serve_echo("127.0.0.1", 0) as server:
+        socks = [await connect(server.port) for _ in range(64)]
+        loop = asyncio.get_running_loop()
+        for index, sock in enumerate(socks):
+            await loop.sock_sendall(sock, b"%04d" % index * 1000)
+        echoed = await asyncio.gather(*(recv_exactly(sock, 4000) for sock in socks))
+        assert echoed == [b"%04d" % index * 1000 for index in range(64)]
+        for sock in socks:
+            sock.close()
+        await wait_until(lambda: server.stats().open_connections == 0)
+    assert_nothing_left(server)
+
+
+class EmptyWrites:
+    """A LendingProtocol that surrounds each echo with empty writes of every kind."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_lent(self, view: memoryview) -> None:
+        self.transport.write(b"")
+        self.transport.write(memoryview(b""))
+        self.transport.write(view)
+        self.transport.write(bytearray())
+        self.transport.writelines([b"", memoryview(b"")])
+
+    def eof_received(self) -> bool:
+        self.transport.write(b"")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+async def test_empty_writes_change_nothing_whatever_the_write_side_state() -> None:
+    """Suspected: a zero-length SEND could overwrite the bookkeeping of a real one.  Empty
+    writes are dropped before any send is issued, whether the write side is idle, sending,
+    backed up or corked (a 65,536-byte message is read as 65,535 + 1: the corked case), and
+    the io_uring engine refuses to submit an empty SEND (an assertion)."""
+    payload = os.urandom(3 * 65536 + 1)
+    async with await iocp_echo.serve(EmptyWrites, "127.0.0.1", 0) as server:  # type: ignore[arg-type]
+        sock = await connect(server.port, rcvbuf=4096)
+        reading = asyncio.ensure_future(recv_until_eof(sock, timeout=60))
+        await asyncio.get_running_loop().sock_sendall(sock, payload)
+        sock.shutdown(socket.SHUT_WR)
+        assert await reading == payload
+        sock.close()
+        await wait_until(lambda: server.stats().open_connections == 0)
+    assert_nothing_left(server)
+
+
+@pytest.mark.uring
+async def test_the_ring_outlives_a_receive_whose_cancel_is_in_flight() -> None:
+    """Suspected: the engine's buffer ring unmapped while cancelled receives may still pick a
+    buffer (when the server's drain gave up).  engine.close() frees the ring only once no
+    operation can select from it."""
+    async with await iocp_echo.serve_echo("127.0.0.1", 0) as server:
+        sock = await connect(server.port)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(sock, b"ping")
+        assert await recv_exactly(sock, 4) == b"ping"
+        engine = server._engine
+        assert engine is not None
+        proactor = engine.proactor  # type: ignore[attr-defined]
+        [transport] = list(engine.transports)  # type: ignore[attr-defined]
+        transport.abort()  # its receive is in the kernel: an ASYNC_CANCEL is on its way
+        assert proactor.selects_from(engine.group)  # type: ignore[attr-defined]
+        engine.close()
+        assert not engine.buffers.closed  # type: ignore[attr-defined]
+        await wait_until(lambda: not proactor.selects_from(engine.group))  # type: ignore[attr-defined]
+        sock.close()
+    assert engine.buffers.closed  # type: ignore[attr-defined]
+    assert_nothing_left(server)
+
+
+class InterruptedOnce:
+    """A LendingProtocol whose first full read raises KeyboardInterrupt (Ctrl-C while the
+    protocol runs); it echoes everything else."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.interrupted = False
+
+    def data_lent(self, view: memoryview) -> None:
+        if not self.interrupted and len(view) >= 4096:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        self.transport.write(view)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+def test_keyboard_interrupt_in_a_protocol_leaks_nothing() -> None:
+    """Suspected: a KeyboardInterrupt inside a protocol callback leaked the buffer being lent
+    and left the transport's "read filled its buffer" flag set (so every later write was
+    corked).  The interrupt leaves the loop; the buffer is back, the flag clear, and when the
+    loop runs again the connection reads and echoes on."""
+    loop = iocp_echo.new_event_loop()
+    try:
+        server = loop.run_until_complete(iocp_echo.serve(InterruptedOnce, "127.0.0.1", 0))  # type: ignore[arg-type]
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(b"k" * 70_000)  # waits in the socket: the first read is a full one
+
+        async def until_interrupted() -> None:
+            await wait_until(lambda: False, timeout=30, what="the KeyboardInterrupt")
+
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(until_interrupted())
+        engine = server._engine
+        assert engine is not None
+        [transport] = list(engine.transports)  # type: ignore[attr-defined]
+        if hasattr(engine, "held_buffers"):  # io_uring: nothing held, no write corked
+            assert engine.held_buffers() == 0
+            assert transport._fill is False
+        else:  # IOCP: the buffer is still the connection's (no lent view outlives the call)
+            assert transport._lent is None
+
+        async def echo_goes_on() -> bytes:
+            await asyncio.get_running_loop().sock_sendall(sock, b"after")
+            received = b""
+            async with asyncio.timeout(30):
+                while not received.endswith(b"after"):
+                    received += await asyncio.get_running_loop().sock_recv(sock, 1 << 16)
+            return received
+
+        sock.setblocking(False)
+        assert loop.run_until_complete(echo_goes_on()).endswith(b"after")
+        sock.close()
+
+        async def close() -> None:
+            server.close()
+            await server.wait_closed()
+            assert_nothing_left(server)
+
+        loop.run_until_complete(close())
+    finally:
+        loop.close()

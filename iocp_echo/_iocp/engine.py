@@ -404,6 +404,8 @@ class IocpTransport(CompletionTransport):
                 else:
                     self._deliver(buf[:nbytes])
             except (SystemExit, KeyboardInterrupt):
+                # Out of the loop it goes; the connection reads on if the loop runs again.
+                self._loop.call_soon(self._read_again)
                 raise
             except BaseException as exc:
                 self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")

@@ -416,6 +416,8 @@ class UringTransport(CompletionTransport):
                     else:
                         self._deliver(view)
                 except (SystemExit, KeyboardInterrupt):
+                    # Out of the loop it goes; the connection reads on if the loop runs again.
+                    self._loop.call_soon(self._rearm_if_reading)
                     raise
                 except BaseException as exc:
                     self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
