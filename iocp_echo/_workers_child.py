@@ -56,12 +56,10 @@ import sys
 import threading
 from typing import Any, TextIO
 
-from . import _platform, introspection, loops
+from . import introspection, loops
 from ._transport import DEFAULT_WRITE_HIGH_WATER
-from .errors import os_error_code
-from .listeners import format_address
 from .protocol import DEFAULT_MAX_READ, EchoProtocol
-from .server import ACCEPT_ERROR_BACKOFF, DEFAULT_SHUTDOWN_TIMEOUT, EchoServer, serve
+from .server import DEFAULT_SHUTDOWN_TIMEOUT, EchoServer, serve
 
 __all__ = ["main"]
 
@@ -103,39 +101,6 @@ def _snapshot(server: EchoServer, limit: int) -> dict[str, Any]:
     }
 
 
-async def _accept_more(server: EchoServer, listener: socket.socket) -> None:
-    """Accept on one more listener of this worker and have *server* serve what arrives, so
-    that one server (one ``max_connections`` share) covers every listener."""
-    loop = asyncio.get_running_loop()
-    backend = _platform.backend()
-    local = format_address(listener.getsockname())
-    while True:
-        future = backend.accept(loop, listener)
-        try:
-            conn, address = await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled() and future.exception() is None:
-                future.result()[0].close()  # accepted just as we were cancelled
-            elif not future.done():
-                future.cancel()
-            raise
-        except OSError as exc:
-            if not server.is_serving():
-                return
-            transient = backend.is_transient_accept_error(exc)
-            logger.log(
-                logging.WARNING if transient else logging.ERROR,
-                "accept on %s failed: %s (OS error %s)",
-                local,
-                exc,
-                os_error_code(exc),
-            )
-            if not transient:
-                await asyncio.sleep(ACCEPT_ERROR_BACKOFF)
-            continue
-        server.adopt(conn, address)
-
-
 class _Channel:
     """Lines to the parent, written whole from any thread."""
 
@@ -169,15 +134,16 @@ async def _serve(
             idle_timeout=options.get("idle_timeout"),
             write_high_water=int(options.get("write_high_water", DEFAULT_WRITE_HIGH_WATER)),
             shutdown_timeout=float(options.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)),
-            sock=listeners[0],
+            # Linux: all this worker's listeners (one per address family), one server, one
+            # share of max_connections.  Windows: the parent accepts; the first listener
+            # only names the address in logs.
+            sock=listeners[:1] if handed else listeners,
             accept=not handed,
         )
     except BaseException:
         for listener in listeners:
             listener.close()
         raise
-    extra = [] if handed else listeners[1:]
-    accepting = [asyncio.create_task(_accept_more(server, listener)) for listener in extra]
 
     def adopt(conn: socket.socket, peer: Any) -> None:
         server.adopt(conn, peer)  # closes it at once if the server is closing
@@ -223,11 +189,8 @@ async def _serve(
         await stopped.wait()
     finally:
         server.close()
-        for task in accepting:
-            task.cancel()
-        await asyncio.gather(*accepting, return_exceptions=True)
-        for listener in extra:
-            listener.close()
+        for listener in listeners[1:] if handed else ():
+            listener.close()  # never served here (the server closes its own)
         await server.wait_closed()
 
 

@@ -23,7 +23,7 @@ import sys
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -93,7 +93,7 @@ async def serve(
     backlog: int = DEFAULT_BACKLOG,
     write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
-    sock: socket.socket | None = None,
+    sock: socket.socket | Sequence[socket.socket] | None = None,
     accept: bool = True,
 ) -> EchoServer:
     """Serve any asyncio protocol on the running proactor loop; return the server, accepting.
@@ -109,7 +109,8 @@ async def serve(
     *idle_timeout* closes a connection with no traffic in either direction for that many
     seconds; *write_high_water* is how many unsent bytes make a transport ask its protocol to
     pause; *shutdown_timeout* bounds how long :meth:`EchoServer.wait_closed` lets in-flight
-    writes drain.
+    writes drain.  *sock* serves sockets already listening (one, or several: one server and
+    one ``max_connections`` for all of them) instead of opening *host*:*port*.
     """
     port = validate_port(port)
     if not callable(protocol_factory):
@@ -126,10 +127,13 @@ async def serve(
     loop = asyncio.get_running_loop()
     _platform.require_proactor(loop)
     if sock is not None:
-        if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
-            raise TypeError(f"sock must be a listening TCP socket, got {sock!r}")
-        sock.setblocking(False)
-        listeners = [sock]
+        listeners = [sock] if isinstance(sock, socket.socket) else list(sock)
+        for listener in listeners:
+            if not isinstance(listener, socket.socket) or listener.type != socket.SOCK_STREAM:
+                raise TypeError(f"sock must be listening TCP sockets, got {listener!r}")
+            listener.setblocking(False)
+        if not listeners:
+            raise TypeError("sock is an empty sequence: give at least one listening socket")
     else:
         listeners = open_listeners(host, port, backlog, backend.prepare_listener)
     server = EchoServer(
