@@ -366,10 +366,17 @@ class CompletionTransport(asyncio.Transport):
             self._lent = None
 
     def _deliver_buffered(self, view: memoryview) -> None:
+        """Feed *view* through ``get_buffer()``/``buffer_updated()``, as many rounds as the
+        protocol's buffer needs; if it pauses, closes or is replaced meanwhile, the rest waits
+        at the front of the backlog (asyncio's transports would feed it regardless)."""
         protocol = self._protocol
         assert isinstance(protocol, asyncio.BufferedProtocol)
         offset, size = 0, len(view)
         while offset < size:
+            if not self._reading or self._closing or self._protocol is not protocol:
+                if not self._closing:
+                    self._hold_front(bytes(view[offset:]))
+                return
             buf = memoryview(protocol.get_buffer(size - offset)).cast("B")
             if not len(buf):
                 raise RuntimeError("get_buffer() returned an empty buffer")
@@ -392,6 +399,15 @@ class CompletionTransport(asyncio.Transport):
         backlog.append(item)
         if item is END_OF_STREAM or isinstance(item, BaseException):
             self._read_ended = True
+        if self._reading and self._resume_handle is None and not self._closing:
+            self._resume_handle = self._loop.call_soon(self._resume)
+
+    def _hold_front(self, data: bytes) -> None:
+        """The unread rest of a delivery: first in line, before anything that came later."""
+        backlog = self._backlog
+        if backlog is None:
+            backlog = self._backlog = collections.deque()
+        backlog.appendleft(data)
         if self._reading and self._resume_handle is None and not self._closing:
             self._resume_handle = self._loop.call_soon(self._resume)
 
@@ -482,6 +498,8 @@ class CompletionTransport(asyncio.Transport):
             self._maybe_resume_protocol()
 
     def _maybe_resume_protocol(self) -> None:
+        if self._conn_lost:
+            return  # (a resume scheduled before the connection was lost)
         if self._protocol_paused and self._sending + self._queued <= self._low_water:
             self._protocol_paused = False
             try:

@@ -535,9 +535,11 @@ class UringTransport(CompletionTransport):
         if self._queued > self._high_water:
             self._maybe_pause_protocol()
 
-    def _flush_cork(self) -> None:
+    def _flush_cork(self, *, resume: bool = True) -> None:
         """Send what was corked: one sendmsg(); a SEND of a copy for what the socket did not
-        take.  Gives every corked buffer back (but the one being delivered right now)."""
+        take.  Gives every corked buffer back (but the one being delivered right now).  From
+        inside close() or write_eof() (*resume* false) a paused protocol is resumed by a loop
+        callback, not before the method returns."""
         chunks, bids = self._cork, self._cork_bids
         self._cork = self._cork_bids = None
         if not chunks:
@@ -559,7 +561,10 @@ class UringTransport(CompletionTransport):
                 self._submit_send(b"".join(chunks)[sent:])
         self._uncork(bids)
         if self._protocol_paused:
-            self._maybe_resume_protocol()
+            if resume:
+                self._maybe_resume_protocol()
+            else:
+                self._loop.call_soon(self._maybe_resume_protocol)
 
     def _uncork(self, bids: list[int] | None) -> None:
         """The cork no longer needs these buffers: each goes back once, except the one being
@@ -576,12 +581,12 @@ class UringTransport(CompletionTransport):
 
     def close(self) -> None:
         if self._cork is not None:
-            self._flush_cork()
+            self._flush_cork(resume=False)
         super().close()
 
     def write_eof(self) -> None:
         if self._cork is not None:
-            self._flush_cork()
+            self._flush_cork(resume=False)
         super().write_eof()
 
     def _start_send(self, data: bytes | bytearray | memoryview) -> None:
