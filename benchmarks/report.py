@@ -62,6 +62,8 @@ PLATFORMS = (("wine", "Under Wine", "under Wine"), ("linux", "Native Linux", "na
 #: KiB per idle connection at a number of connections, per platform.
 CALLS_GOAL = 12
 IDLE_GOALS = {"wine": (5000, 4.0), "linux": (10000, 2.0)}
+#: Goal for iocp_echo's resident memory per busy connection (1,000 echoing 1 KiB), KiB.
+BUSY_GOAL = (1000, 16.0)
 HEADLINE = ((1024, 20), (1024, 1000))
 
 
@@ -127,6 +129,7 @@ def markdown(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:
     lines += headline(records)
     lines += calls_table(records)
     lines += idle_table(records)
+    lines += busy_table(records)
     for platform_name, title, _ in PLATFORMS:
         lines += full_table(records, platform_name, title)
     for platform_name, _, where in PLATFORMS:
@@ -350,6 +353,40 @@ def idle_table(records: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {r['platform']} | {label(r)} | {_fmt(r['concurrency'])} | {_fmt(value, 1)} "
             f"| {_fmt(base / 1024 if base is not None else None, 1)} | {goal} |"
+        )
+    return [*lines, ""]
+
+
+def busy_table(records: list[dict[str, Any]]) -> list[str]:
+    busy = [
+        r
+        for r in records
+        if r["mode"] == "echo"
+        and r.get("msg_size") == 1024
+        and r.get("concurrency", 0) >= 100
+        and r.get("busy_rss_kib_per_conn") is not None
+    ]
+    if not busy:
+        return []
+    count, limit = BUSY_GOAL
+    lines = [
+        "## Memory per busy connection",
+        "",
+        "The server's peak resident memory while N connections echo 1 KiB flat out, minus "
+        "what it held just before they connected, divided by N (one run; Wine's wineserver "
+        f"excluded). Goal for iocp_echo: ≤ {limit:g} KiB at {_fmt(count)} connections.",
+        "",
+        "| platform | server | connections | KiB per busy connection | goal |",
+        "|---|---|---:|---:|---|",
+    ]
+    for r in sorted(busy, key=lambda r: (_order(r), r["concurrency"], r["server"])):
+        value = r["busy_rss_kib_per_conn"]
+        goal = ""
+        if role(r) == "ours" and r["concurrency"] == count:
+            goal = f"{'met' if value <= limit else 'missed'} (≤ {limit:g} KiB)"
+        lines.append(
+            f"| {r['platform']} | {label(r)} | {_fmt(r['concurrency'])} | {_fmt(value, 1)} "
+            f"| {goal} |"
         )
     return [*lines, ""]
 

@@ -523,20 +523,42 @@ def throwaway(running: Running, plan: Plan) -> None:
 
 
 def measure_echo(running: Running, plan: Plan, size: int, conns: int) -> dict[str, Any]:
-    raw = loadgen(
-        running.port,
-        "-mode",
-        "echo",
-        "-conns",
-        str(conns),
-        "-size",
-        str(size),
-        "-duration",
-        str(plan.duration),
-        "-warmup",
-        str(plan.warmup),
-    )
-    return {"mode": "echo", "msg_size": size, "concurrency": conns, **stats.summarize(raw)}
+    """Throughput and latency, and the server's resident memory while the point runs: its
+    peak over what it held just before, per connection (memory per *busy* connection)."""
+    before = _rss_kib(running.process.pid)
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            peak[0] = max(peak[0], _rss_kib(running.process.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        raw = loadgen(
+            running.port,
+            "-mode",
+            "echo",
+            "-conns",
+            str(conns),
+            "-size",
+            str(size),
+            "-duration",
+            str(plan.duration),
+            "-warmup",
+            str(plan.warmup),
+        )
+    finally:
+        done.set()
+        sampler.join()
+    return {
+        "mode": "echo",
+        "msg_size": size,
+        "concurrency": conns,
+        "busy_rss_kib_per_conn": (peak[0] - before) / conns,
+        **stats.summarize(raw),
+    }
 
 
 def measure_churn(running: Running, plan: Plan) -> dict[str, Any]:
