@@ -84,15 +84,17 @@ async def test_reads_never_ask_more_than_max_read() -> None:
 
 async def test_reads_grow_to_65535_and_never_past_it(server: iocp_echo.EchoServer) -> None:
     """The seed's limit: no read asks for more than 65,535 bytes.  (On IOCP a busy connection
-    starts with small reads and grows them on full ones: a bulk stream reaches the limit.)"""
-    sizes: set[int] = set()
-    payload = os.urandom(8 * 1024 * 1024)
-    transfer = asyncio.ensure_future(echo(server.port, payload))  # sends and reads at once
-    while not transfer.done():
-        sizes.update(op.nbytes or 0 for op in server.pending_operations() if op.kind == "recv")
-        await asyncio.sleep(0.001)
-    assert await transfer == payload
-    assert max(sizes) == 65535, sizes
+    starts with small reads and doubles them on full ones: 64 KiB messages reach the limit.)
+    Between two messages the server's next read is pending, so its size can be seen."""
+    sock = await connect(server.port)
+    sizes = []
+    for _ in range(8):
+        message = os.urandom(65536)
+        assert await echo_on(sock, message) == message
+        await wait_until(lambda: any(op.kind == "recv" for op in server.pending_operations()))
+        sizes += [op.nbytes for op in server.pending_operations() if op.kind == "recv"]
+    assert max(size or 0 for size in sizes) == 65535, sizes
+    sock.close()
 
 
 async def echo_on(sock: socket.socket, payload: bytes) -> bytes:
