@@ -40,9 +40,9 @@ the kernel may fill dozens of buffers for one connection (everything its socket 
 the program sees the first.  For a client that reads its answers that is the fast path; for one
 that floods and never reads, it is memory the server must hold once the protocol pauses.  So a
 connection starts with one-shot receives (one buffer in flight at most, re-armed after each
-delivery) and earns a multishot receive after ``CALM_READS`` reads in a row that did not fill
-their buffer and left its write side idle, the last with nothing unacknowledged in its socket
-(``SIOCOUTQ``: the client has read every answer); a send the socket does not take at once, or a
+delivery) and earns a multishot receive after ``CALM_READS`` reads in a row that left its write
+side idle, the last arriving with nothing unacknowledged in its socket (``SIOCOUTQ``: the client
+had read every answer before it sent more); a send the socket does not take at once, or a
 pause, cancels the multishot receive and the connection starts over.  A flooding client
 therefore never has more than one read in flight, and what it makes the server hold is bounded
 by the write high-water mark plus one read (plus, once per calm spell, what the last batch of a
@@ -396,6 +396,11 @@ class UringTransport(CompletionTransport):
         if res <= 0:
             self._recv_other(res, flags)
             return
+        # Before this read is answered: has the client acknowledged every earlier answer?
+        # (Asked once per calm spell, for the read that would earn a multishot receive.)
+        acknowledged = (
+            self._recv_tag or self._calm != CALM_READS - 1 or _unacknowledged(self._sock) == 0
+        )
         bid = flags >> _SHIFT
         engine = self._engine
         states = engine.states
@@ -431,12 +436,7 @@ class UringTransport(CompletionTransport):
                 engine.recycle(bid)
         if not self._recv_tag and self._reading and not self._closing:
             # A one-shot receive (or a multishot one the kernel ended): arm the next.
-            if (
-                res < engine.read_size
-                and not self._sending
-                and not self._queue
-                and (self._calm < CALM_READS - 1 or _unacknowledged(self._sock) == 0)
-            ):
+            if acknowledged and not self._sending and not self._queue:
                 self._calm += 1
             else:
                 self._calm = 0
