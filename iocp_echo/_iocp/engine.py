@@ -200,18 +200,6 @@ class IocpEngine:
 
     # -- fairness ---------------------------------------------------------------------------
 
-    def spend(self) -> bool:
-        """Count one completion handled inline; False once this iteration's budget is spent
-        (the caller then re-arms through :meth:`defer`)."""
-        budget = self.budget
-        if budget == COMPLETIONS_PER_ITERATION:
-            self.loop.call_soon(self._new_iteration)
-        self.budget = budget - 1
-        return budget > 0
-
-    def defer(self, transport: IocpTransport) -> None:
-        self.deferred.append(transport)
-
     def _new_iteration(self) -> None:
         """Runs once _poll has returned: a fresh budget, and the re-arms that waited."""
         self.budget = COMPLETIONS_PER_ITERATION
@@ -394,7 +382,10 @@ class IocpTransport(CompletionTransport):
             self._arrived_eof()
             return
         self.bytes_received += nbytes
-        self._adapt_read_size(nbytes, len(buf))
+        engine = self._engine
+        size = len(buf)
+        if nbytes == size or self._small_reads or (nbytes <= size >> 2 and size > engine.min_read):
+            self._adapt_read_size(nbytes, size)  # (not called for the usual small reads)
         if self._reading and self._backlog is None:
             try:
                 lend = self._lend
@@ -415,16 +406,28 @@ class IocpTransport(CompletionTransport):
             self._hold(bytes(buf[:nbytes]))
             self._release_read_buffer()
             return
-        if not self._reading or self._closing or self._read_ov is not None:
+        if (
+            not self._reading
+            or self._closing
+            or self._read_ov is not None
+            or self._backlog is not None
+        ):
             if self._read_ov is None:
                 self._release_read_buffer()  # nothing will read into it for now
             return
-        if stay_quiet:
-            self._release_read_buffer()
-        if self._engine.spend():
-            self._read_again()
+        # The next receive, at once while this loop iteration's budget lasts (see
+        # "Fairness"), else from the loop (IocpEngine._new_iteration).  Written out here:
+        # it is every echo's path, and each Python call costs.
+        budget = engine.budget
+        if budget == COMPLETIONS_PER_ITERATION:
+            engine.loop.call_soon(engine._new_iteration)
+        engine.budget = budget - 1
+        if budget <= 0:
+            engine.deferred.append(self)
+        elif self._busy:
+            self._read_busily()
         else:
-            self._engine.defer(self)
+            self._read_quietly()
 
     def _adapt_read_size(self, nbytes: int, size: int) -> None:
         if nbytes == size:
