@@ -205,8 +205,7 @@ class CompletionTransport(asyncio.Transport):
         if self._closing or self._reading:
             return
         self._reading = True
-        if self._resume_handle is None:
-            self._resume_handle = self._loop.call_soon(self._resume)
+        self._schedule_resume()
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         if high is None:
@@ -375,7 +374,7 @@ class CompletionTransport(asyncio.Transport):
         while offset < size:
             if not self._reading or self._closing or self._protocol is not protocol:
                 if not self._closing:
-                    self._hold_front(bytes(view[offset:]))
+                    self._hold(bytes(view[offset:]), first=True)
                 return
             buf = memoryview(protocol.get_buffer(size - offset)).cast("B")
             if not len(buf):
@@ -390,25 +389,24 @@ class CompletionTransport(asyncio.Transport):
 
     # -- the backlog: what arrived while the protocol could not take it ---------------------
 
-    def _hold(self, item: Any) -> None:
+    def _hold(self, item: Any, *, first: bool = False) -> None:
         """Put *item* (bytes copied out of a kernel buffer, ``END_OF_STREAM``, or an ``OSError``)
-        behind whatever waits already; delivered in order once reading is resumed."""
+        behind whatever waits already (*first*: before it, for the unread rest of a delivery);
+        delivered in order once reading is resumed."""
         backlog = self._backlog
         if backlog is None:
             backlog = self._backlog = collections.deque()
-        backlog.append(item)
+        if first:
+            backlog.appendleft(item)
+        else:
+            backlog.append(item)
         if item is END_OF_STREAM or isinstance(item, BaseException):
             self._read_ended = True
-        if self._reading and self._resume_handle is None and not self._closing:
-            self._resume_handle = self._loop.call_soon(self._resume)
+        if self._reading and not self._closing:
+            self._schedule_resume()
 
-    def _hold_front(self, data: bytes) -> None:
-        """The unread rest of a delivery: first in line, before anything that came later."""
-        backlog = self._backlog
-        if backlog is None:
-            backlog = self._backlog = collections.deque()
-        backlog.appendleft(data)
-        if self._reading and self._resume_handle is None and not self._closing:
+    def _schedule_resume(self) -> None:
+        if self._resume_handle is None:
             self._resume_handle = self._loop.call_soon(self._resume)
 
     def _resume(self) -> None:
@@ -417,50 +415,40 @@ class CompletionTransport(asyncio.Transport):
         self._resume_handle = None
         backlog = self._backlog
         while backlog and self._reading and not self._closing:
-            item = backlog.popleft()
-            if item is END_OF_STREAM:
-                self._eof_received()
-            elif isinstance(item, BaseException):
-                self._fatal_error(item, "receive failed")
-            else:
-                self._deliver_held(item)
+            self._dispatch(backlog.popleft())
         if self._backlog is not None and not self._backlog:
             self._backlog = None
         if self._reading and not self._closing and not self._read_ended and self._backlog is None:
             self._reading_resumed()
 
-    def _deliver_held(self, data: bytes) -> None:
-        """Deliver bytes from the backlog (a copy: writing the view back copies it again)."""
-        try:
-            if self._lend is not None:
-                self._lend(memoryview(data))
-            else:
-                self._deliver(memoryview(data))
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
-
-    def _arrived_eof(self) -> None:
-        """A completion saw the end of the stream: deliver it now if nothing waits before
-        it, else after the backlog.  Only from a completion, never from a transport method."""
-        if self._closing:
-            return
-        if self._reading and self._backlog is None:
-            self._read_ended = True
+    def _dispatch(self, item: Any) -> None:
+        """Give the protocol one item of the backlog: bytes, the end of the stream, an error."""
+        if item is END_OF_STREAM:
             self._eof_received()
+        elif isinstance(item, BaseException):
+            self._fatal_error(item, "receive failed")
         else:
-            self._hold(END_OF_STREAM)
+            try:
+                if self._lend is not None:
+                    self._lend(memoryview(item))  # a copy: writing it back copies it again
+                else:
+                    self._deliver(memoryview(item))
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
 
-    def _arrived_error(self, exc: OSError, message: str) -> None:
-        """A completion failed: the connection ends, after the bytes that came before."""
+    def _arrived(self, item: Any) -> None:
+        """A completion brought the end of the stream (``END_OF_STREAM``) or an ``OSError``:
+        given to the protocol now if nothing waits before it, else after the backlog.  Only
+        from a completion, never from a transport method."""
         if self._closing:
             return
         if self._reading and self._backlog is None:
             self._read_ended = True
-            self._fatal_error(exc, message)
+            self._dispatch(item)
         else:
-            self._hold(exc)
+            self._hold(item)
 
     def _eof_received(self) -> None:
         """The peer half-closed: ask the protocol whether to keep the transport open."""

@@ -352,7 +352,7 @@ class IocpTransport(CompletionTransport):
                 self._read_quietly()
                 return
             self._release_read_buffer()
-            self._arrived_error(exc, "receive failed")
+            self._arrived(exc)
             return
         self._quieting = False
         if self._closing or self._engine.stopped:
@@ -375,11 +375,11 @@ class IocpTransport(CompletionTransport):
                 return
             except OSError as exc:
                 self._release_read_buffer()
-                self._arrived_error(exc, "receive failed")
+                self._arrived(exc)
                 return
         if not nbytes:
             self._release_read_buffer()
-            self._arrived_eof()
+            self._arrived(END_OF_STREAM)
             return
         self.bytes_received += nbytes
         engine = self._engine

@@ -68,7 +68,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._transport import CompletionTransport, ConnectionOwner
+from .._transport import END_OF_STREAM, CompletionTransport, ConnectionOwner
 from . import abi
 from .proactor import UringProactor, _pin_for_reading
 from .ring import IN_KERNEL, BufferRing
@@ -462,7 +462,7 @@ class UringTransport(CompletionTransport):
             self._engine.take(bid)
             self._engine.recycle(bid)
         if res == 0:
-            self._arrived_eof()
+            self._arrived(END_OF_STREAM)
         elif res == -_ECANCELED:  # paused or closing (or resumed before the cancel landed)
             self._rearm_if_reading()
         elif res == -_ENOBUFS:  # the ring ran dry within this batch: read again after it
@@ -470,12 +470,11 @@ class UringTransport(CompletionTransport):
                 self._engine.starved.append(self)
                 self._engine.at_batch_end()
         else:
-            self._arrived_error(_error(-res), "receive failed")
+            self._arrived(_error(-res))
 
     def _reading_paused(self) -> None:
-        self._calm = 0
-        if self._recv_tag and self._engine.proactor.cancel_direct(self._recv_tag):
-            self._recv_tag = 0
+        self._calm = 0  # a pause is pressure: no read-ahead until calm again
+        self._stop_reading()
 
     def _reading_resumed(self) -> None:
         self._rearm_if_reading()
