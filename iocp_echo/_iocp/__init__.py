@@ -27,7 +27,7 @@ import threading
 from typing import Any
 
 from .. import _private
-from .._platform import BackendOperation
+from .._backend import BackendOperation
 from ..errors import os_error_code
 
 logger = logging.getLogger("iocp_echo.iocp")

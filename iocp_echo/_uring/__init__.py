@@ -32,7 +32,7 @@ import errno
 import socket
 from typing import Any
 
-from .._platform import BackendOperation
+from .._backend import BackendOperation
 from ..errors import UnsupportedPlatformError
 from . import abi
 from .proactor import DEFAULT_ENTRIES, UringEventLoop, UringProactor, check_kernel
