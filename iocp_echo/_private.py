@@ -22,7 +22,7 @@ supported CPython.  Everything here must run on the event loop's thread.
 Outside this module, by design, two contracts with asyncio that are not "reaching into"
 CPython but *implementing* its extension points, each covered by the whole suite on 3.11-3.13:
 
-* ``iocp_echo._uring.proactor.UringEventLoop`` is a ``BaseProactorEventLoop`` subclass, like
+* ``iocp_echo._uring.loop.UringEventLoop`` is a ``BaseProactorEventLoop`` subclass, like
   CPython's own ``ProactorEventLoop``: it passes its proactor to ``super().__init__`` (stored
   as ``_proactor``), and starts/stops the self-pipe reader the way ``ProactorEventLoop`` does
   (``_loop_self_reading``, ``_self_reading_future``, ``_run_forever_setup``/``_cleanup`` on

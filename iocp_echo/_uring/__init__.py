@@ -21,7 +21,9 @@ The layers, one module each:
 - :mod:`.ring`: one ring (set-up with fallbacks, mmaps, push, enter, reap) and provided-buffer
   rings; no asyncio;
 - :mod:`.proactor`: :class:`UringProactor`, asyncio's proactor interface with futures plus
-  direct (handler-called) operations, and :class:`UringEventLoop`;
+  direct (handler-called) operations;
+- :mod:`.loop`: :class:`UringEventLoop`, the asyncio loop on that proactor;
+- :mod:`.engine`: the completion engine that serves connections on the same proactor;
 - this module: the backend functions :mod:`iocp_echo._platform` calls.
 """
 
@@ -35,7 +37,8 @@ from typing import Any
 from .._backend import BackendOperation
 from ..errors import UnsupportedPlatformError
 from . import abi
-from .proactor import DEFAULT_ENTRIES, UringEventLoop, UringProactor, check_kernel
+from .loop import UringEventLoop
+from .proactor import DEFAULT_ENTRIES, UringProactor, check_kernel
 from .ring import Ring
 
 __all__ = [
