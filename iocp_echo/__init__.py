@@ -22,7 +22,7 @@ from .introspection import (
     pending_operations,
     pending_operations_threadsafe,
 )
-from .loops import backend_name, new_event_loop, run
+from .loops import EventLoop, EventLoopPolicy, backend_name, new_event_loop, run
 from .protocol import DEFAULT_MAX_READ, EchoProtocol
 from .server import EchoServer, ServerStats, serve, serve_echo
 from .workers import WorkersFailed, run_workers
@@ -34,6 +34,8 @@ __all__ = [
     "CompletionTransport",
     "EchoProtocol",
     "EchoServer",
+    "EventLoop",
+    "EventLoopPolicy",
     "IntrospectionUnavailable",
     "InvalidPortError",
     "IocpEchoError",

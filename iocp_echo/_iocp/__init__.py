@@ -54,6 +54,12 @@ TRANSIENT_ACCEPT_ERRORS = frozenset(
 _warned_fallback = False
 
 
+def loop_class() -> type[asyncio.AbstractEventLoop]:
+    from .loop import IocpEventLoop
+
+    return IocpEventLoop
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     if sys.platform != "win32":
         raise RuntimeError("the IOCP backend exists only on Windows")

@@ -48,6 +48,7 @@ __all__ = [
     "UringProactor",
     "accept",
     "is_transient_accept_error",
+    "loop_class",
     "make_engine",
     "new_event_loop",
     "operations",
@@ -107,6 +108,10 @@ def probe(entries: int = DEFAULT_ENTRIES) -> None:
         raise _setup_failure(exc, entries) from None
     finally:
         ring.close()
+
+
+def loop_class() -> type[UringEventLoop]:
+    return UringEventLoop
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

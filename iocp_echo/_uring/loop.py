@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 from asyncio import proactor_events
 
+from .._loop_transports import EngineTransports
 from .proactor import UringProactor
 
 __all__ = ["UringEventLoop"]
 
 
-class UringEventLoop(proactor_events.BaseProactorEventLoop):
+class UringEventLoop(EngineTransports, proactor_events.BaseProactorEventLoop):
     """asyncio's proactor event loop on io_uring."""
 
     @property
