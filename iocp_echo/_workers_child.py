@@ -21,15 +21,8 @@ whole server's limit, and one server holds it over all the listeners.  The first
 the server's own; the server adopts what the others accept (one accept loop each on the
 loop, through the backend's ``accept``).
 
-The control channel is the worker's stdin and stdout, one JSON object per line, read by a
-plain thread: a pipe handed to a child process on Windows is not overlapped, so the event
-loop's completion port cannot read it, and a thread works the same on both systems.
-
-- parent -> worker: first the configuration (options, listeners, label, log level); then
-  ``{"op": "snapshot", "id": N, "limit": L}``, ``{"op": "connection", "share": S, "peer":
-  P}`` (Windows) or ``{"op": "stop"}``.
-- worker -> parent: ``{"event": "ready", ...}`` once serving; ``{"id": N, "snapshot": ...}``
-  per request.
+The control channel is the worker's stdin and stdout (``_worker_protocol.py`` has its
+messages), read by a plain thread.
 
 End of file on stdin means the parent is gone: the worker shuts down gracefully, so a
 supervisor killed outright does not leave workers serving behind it.  Ctrl-C and Ctrl-Break
@@ -46,8 +39,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import dataclasses
-import json
 import logging
 import os
 import signal
@@ -56,10 +47,19 @@ import sys
 import threading
 from typing import Any, TextIO
 
-from . import introspection, loops
+from . import loops
 from ._transport import DEFAULT_WRITE_HIGH_WATER
+from ._worker_protocol import (
+    Ready,
+    SnapshotReply,
+    ToSupervisor,
+    address_from_json,
+    decode,
+    encode,
+    snapshot_of,
+)
 from .protocol import DEFAULT_MAX_READ, EchoProtocol
-from .server import DEFAULT_SHUTDOWN_TIMEOUT, EchoServer, serve
+from .server import DEFAULT_SHUTDOWN_TIMEOUT, serve
 
 __all__ = ["main"]
 
@@ -80,27 +80,6 @@ def _receive_connection(share: str) -> socket.socket:
     return socket.fromshare(base64.b64decode(share))
 
 
-def _peer(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _snapshot(server: EchoServer, limit: int) -> dict[str, Any]:
-    """This worker's stats and its *limit* oldest operations."""
-    unavailable: str | None = None
-    try:
-        found = server.pending_operations()
-    except introspection.IntrospectionUnavailable as exc:
-        found, unavailable = [], str(exc)
-    found.sort(key=lambda op: -op.age)
-    return {
-        "stats": dataclasses.asdict(server.stats()),
-        "operations": [op.as_dict() for op in found[:limit]],
-        "operations_total": len(found),
-        "operations_unavailable": unavailable,
-        "serving": server.is_serving(),
-    }
-
-
 class _Channel:
     """Lines to the parent, written whole from any thread."""
 
@@ -108,8 +87,8 @@ class _Channel:
         self._stream = stream
         self._lock = threading.Lock()
 
-    def send(self, message: dict[str, Any]) -> None:
-        line = json.dumps(message, separators=(",", ":")) + "\n"
+    def send(self, message: ToSupervisor) -> None:
+        line = encode(message)
         with self._lock:
             try:
                 self._stream.write(line)
@@ -150,13 +129,12 @@ async def _serve(
 
     def answer(request: dict[str, Any]) -> None:
         limit = int(request.get("limit", 0))
-        out.send({"id": request["id"], "snapshot": _snapshot(server, limit)})
+        out.send(SnapshotReply(id=request["id"], snapshot=snapshot_of(server, limit)))
 
     def read_commands() -> None:
         for line in sys.stdin:
-            try:
-                request = json.loads(line)
-            except ValueError:
+            request = decode(line)
+            if request is None:
                 continue
             op = request.get("op")
             if op == "connection":
@@ -166,7 +144,7 @@ async def _serve(
                     logger.warning("cannot take a connection from the parent: %s", exc)
                     continue
                 try:
-                    loop.call_soon_threadsafe(adopt, conn, _peer(request.get("peer")))
+                    loop.call_soon_threadsafe(adopt, conn, address_from_json(request.get("peer")))
                 except RuntimeError:  # the loop has closed
                     conn.close()
             elif op == "snapshot":
@@ -178,12 +156,12 @@ async def _serve(
 
     threading.Thread(target=read_commands, name="iocp_echo worker control", daemon=True).start()
     out.send(
-        {
-            "event": "ready",
-            "pid": os.getpid(),
-            "backend": server.backend_name,
-            "engine": server.engine_name,
-        }
+        Ready(
+            event="ready",
+            pid=os.getpid(),
+            backend=server.backend_name,
+            engine=server.engine_name,
+        )
     )
     try:
         await stopped.wait()
@@ -239,8 +217,8 @@ def main() -> int:
         # Until the loop takes SIGTERM over (_run), remember it instead of dying at once.
         signal.signal(signal.SIGTERM, lambda signum, frame: _terminated.set())
     out = _Channel(sys.stdout)
-    config = json.loads(sys.stdin.readline() or "null")
-    if not isinstance(config, dict):
+    config = decode(sys.stdin.readline())
+    if config is None:
         return 2  # started by hand, or the parent died before configuring it
     label = f"worker {config['worker']}, pid {os.getpid()}"
     logging.basicConfig(

@@ -40,7 +40,6 @@ import base64
 import collections
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -51,11 +50,22 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 from . import _platform
 from ._logflood import LogLimiter
+from ._worker_protocol import (
+    Configuration,
+    HandedConnection,
+    ListenerSpec,
+    SnapshotRequest,
+    Stop,
+    ToWorker,
+    address_from_json,
+    decode,
+    encode,
+    worker_command,
+)
 from .admin import DEFAULT_STUCK_AFTER, MAX_OPERATIONS_LIMIT, log_stats, start_admin
 from .errors import IocpEchoError, os_error_code
 from .listeners import format_address, open_listeners, validate_port, validate_positive
@@ -99,11 +109,6 @@ STATS_TIMEOUT = 2.0
 #: server waits up to 5 s for cancelled operations to come back from the kernel).
 STOP_GRACE = 10.0
 
-_BOOT = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from iocp_echo._workers_child import main; sys.exit(main())"
-)
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _SERVE_OPTIONS = (
     "max_read",
     "max_connections",
@@ -208,12 +213,12 @@ class _Worker:
         self.replies: dict[int, dict[str, Any]] = {}
         self.answered = threading.Condition(self.lock)
 
-    def send(self, message: dict[str, Any]) -> bool:
+    def send(self, message: ToWorker) -> bool:
         process = self.process
         if process is None or process.stdin is None:
             return False
         try:
-            process.stdin.write(json.dumps(message).encode() + b"\n")
+            process.stdin.write(encode(message).encode())
             process.stdin.flush()
         except (OSError, ValueError):
             return False  # it is exiting: its exit is reported by its reader thread
@@ -562,7 +567,7 @@ class WorkerPool:
                 except OSError as exc:  # it has just exited: try the next one
                     logger.debug("cannot share a connection with worker %d: %s", worker.index, exc)
                     continue
-                message = {"op": "connection", "share": shared, "peer": address}
+                message = HandedConnection(op="connection", share=shared, peer=address)
                 if worker.send(message):
                     return
             self._log.log(
@@ -604,7 +609,7 @@ class WorkerPool:
                 worker.restart_handle = None
             if worker.process is not None:
                 worker.state = "stopping"
-                worker.send({"op": "stop"})
+                worker.send(Stop(op="stop"))
             else:
                 worker.state = "stopped"
         self._check_all_stopped()
@@ -637,7 +642,7 @@ class WorkerPool:
             listeners = listeners[:1]
         try:
             process = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, _PACKAGE_ROOT],
+                worker_command(),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -651,7 +656,7 @@ class WorkerPool:
             return
         worker.process = process
         worker.pid = process.pid
-        specs: list[dict[str, Any]]
+        specs: list[ListenerSpec]
         if sys.platform == "win32":
             specs = [{"share": _share(s, process.pid)} for s in listeners]
         else:
@@ -661,12 +666,12 @@ class WorkerPool:
         # _workers_child.py), which holds this limit over every one of them.
         options["max_connections"] = self.max_connections_share(worker.index)
         worker.send(
-            {
-                "worker": worker.index,
-                "options": options,
-                "listeners": specs,
-                "log_level": logging.getLogger("iocp_echo").getEffectiveLevel(),
-            }
+            Configuration(
+                worker=worker.index,
+                options=options,
+                listeners=specs,
+                log_level=logging.getLogger("iocp_echo").getEffectiveLevel(),
+            )
         )
         threading.Thread(
             target=self._read_worker, args=(worker, process), daemon=True, name="worker reader"
@@ -677,11 +682,8 @@ class WorkerPool:
         """A thread per worker process: its messages, then its exit."""
         assert process.stdout is not None
         for line in iter(process.stdout.readline, b""):
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(message, dict):
+            message = decode(line)
+            if message is None:
                 continue
             if "id" in message:
                 with worker.answered:
@@ -777,7 +779,7 @@ class WorkerPool:
             self._next_request += 1
             number = self._next_request
             sent = worker.ready and worker.send(
-                {"op": "snapshot", "id": number, "limit": MAX_OPERATIONS_LIMIT}
+                SnapshotRequest(op="snapshot", id=number, limit=MAX_OPERATIONS_LIMIT)
             )
             asked.append((worker, number if sent else None))
         deadline = time.monotonic() + STATS_TIMEOUT
@@ -852,10 +854,6 @@ def _sum_stats(entries: list[dict[str, Any]]) -> WorkersStats:
     )
 
 
-def _address(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
 class WorkersView:
     """The whole pool seen as one server, for the admin endpoint and ``--stats-every``.
 
@@ -901,8 +899,8 @@ class WorkersView:
                         kind=op["kind"],
                         state=op["state"],
                         fileno=op["fileno"],
-                        local=_address(op["local"]),
-                        peer=_address(op["peer"]),
+                        local=address_from_json(op["local"]),
+                        peer=address_from_json(op["peer"]),
                         nbytes=op["nbytes"],
                         started=op["started"],
                         age=op["age"],
