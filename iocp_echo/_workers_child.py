@@ -3,13 +3,13 @@
 The OS model.  The parent opened the listening sockets; a worker only ever receives them.
 
 Windows: the parent accepts every connection itself and hands each one to a worker in turn
-(``workers.py`` says why): it calls ``socket.share(pid)`` (Winsock's ``WSADuplicateSocket``)
-on the connection for this worker's pid and sends the result down the control pipe; the
-worker rebuilds it with ``socket.fromshare()`` and gives it to its server
-(``EchoServer.adopt()``, on the loop), where the completion engine serves it (the connection
-is a new socket, free to join this worker's completion port).  The worker never accepts: it
-is given one listener (shared the same way) only so that its server has an address, and runs
-with ``serve(..., accept=False)``.
+(``_listener_sharing.py`` says why, and does both ends of it): it calls ``socket.share(pid)``
+(Winsock's ``WSADuplicateSocket``) on the connection for this worker's pid and sends the
+result down the control pipe; the worker rebuilds it with ``socket.fromshare()`` and gives it
+to its server (``EchoServer.adopt()``, on the loop), where the completion engine serves it
+(the connection is a new socket, free to join this worker's completion port).  The worker
+never accepts: it is given one listener (shared the same way) only so that its server has an
+address, and runs with ``serve(..., accept=False)``.
 
 Linux: the parent opened one set of listeners per worker in a ``SO_REUSEPORT`` group, and this
 worker's arrive as inherited file descriptors; its io_uring accepts on them, and the kernel's
@@ -17,9 +17,7 @@ reuseport hash spreads the connections over the group.
 
 One server per worker, whatever the number of listeners (a host such as ``None`` or
 ``localhost`` gives one per address family): ``max_connections`` is this worker's share of the
-whole server's limit, and one server holds it over all the listeners.  The first listener is
-the server's own; the server adopts what the others accept (one accept loop each on the
-loop, through the backend's ``accept``).
+whole server's limit, and one server (``serve(sock=[...])``) holds it over all the listeners.
 
 The control channel is the worker's stdin and stdout (``_worker_protocol.py`` has its
 messages), read by a plain thread.
@@ -37,7 +35,6 @@ drain as one that signals the parent only.  (On Windows there is no SIGTERM to c
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
@@ -48,6 +45,7 @@ import threading
 from typing import Any, TextIO
 
 from . import loops
+from ._listener_sharing import HANDS_OUT, receive_connection, receive_listener
 from ._transport import DEFAULT_WRITE_HIGH_WATER
 from ._worker_protocol import (
     Ready,
@@ -64,20 +62,6 @@ from .server import DEFAULT_SHUTDOWN_TIMEOUT, serve
 __all__ = ["main"]
 
 logger = logging.getLogger("iocp_echo.workers")
-
-
-def _receive_listener(spec: dict[str, Any]) -> socket.socket:
-    """The listening socket the parent described in *spec* (see the module docstring)."""
-    if sys.platform == "win32":
-        return socket.fromshare(base64.b64decode(spec["share"]))
-    return socket.socket(fileno=int(spec["fd"]))
-
-
-def _receive_connection(share: str) -> socket.socket:
-    """Windows: a connection the parent accepted and duplicated for this process."""
-    if sys.platform != "win32":
-        raise OSError(f"connections are handed to workers on Windows only, not {sys.platform}")
-    return socket.fromshare(base64.b64decode(share))
 
 
 class _Channel:
@@ -103,7 +87,7 @@ async def _serve(
     """Serve until *stopped* is set (by the parent's ``stop``, its end, or SIGTERM)."""
     loop = asyncio.get_running_loop()
     options = dict(config["options"])
-    handed = sys.platform == "win32"  # the parent accepts and hands connections over
+    handed = HANDS_OUT  # the parent accepts and hands connections over
     max_read = int(options.get("max_read", DEFAULT_MAX_READ))
     try:
         server = await serve(
@@ -139,7 +123,7 @@ async def _serve(
             op = request.get("op")
             if op == "connection":
                 try:
-                    conn = _receive_connection(request["share"])
+                    conn = receive_connection(request["share"])
                 except OSError as exc:
                     logger.warning("cannot take a connection from the parent: %s", exc)
                     continue
@@ -226,7 +210,7 @@ def main() -> int:
         format=f"%(asctime)s %(levelname)s %(name)s ({label}): %(message)s",
         stream=sys.stderr,
     )
-    listeners = [_receive_listener(spec) for spec in config["listeners"]]
+    listeners = [receive_listener(spec) for spec in config["listeners"]]
     try:
         loops.run(_run(config, listeners, out))
     except Exception as exc:

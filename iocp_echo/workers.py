@@ -2,19 +2,12 @@
 
 One Python process runs on one core.  :func:`run_workers` opens the listening sockets in this
 (the parent) process, before anything else, so that a bad or busy port is reported once, then
-starts N worker processes that each run their own completion loop and echo server on what it
-was given (``_workers_child.py`` says how on each OS):
-
-- Windows: this process accepts (``AcceptEx`` on its own completion port) and hands each
-  connection to the next ready worker in turn, as a handle duplicated for that worker
-  (``socket.share``) sent down its control pipe; the worker serves it on its own completion
-  port.  Workers cannot all accept on the one listener: a socket joins one completion port
-  only, and with a blocking ``accept()`` per worker nothing spreads the connections (measured
-  under Wine: one worker took 100 of 100 connections in about one run in five).  Handing them
-  out in turn spreads them exactly.
-- Linux: one listener per worker, all on the port in a ``SO_REUSEPORT`` group, each inherited
-  by its worker; the kernel's reuseport hash spreads the connections.  (One inherited socket
-  accepted on by every worker's io_uring gave the first worker every connection, measured.)
+starts N worker processes (``_workers_child.py``) that each run their own completion loop and
+echo server on what it was given.  What they are given differs by OS, and is
+``_listener_sharing.py``'s business: on Windows this process accepts and hands each connection
+to the next ready worker in turn (:meth:`WorkerPool._give` chooses the worker); on Linux each
+worker accepts on its own listeners of a ``SO_REUSEPORT`` group.  They talk over a control pipe
+(``_worker_protocol.py``).
 
 The parent serves no connections.  It supervises: a worker that dies is restarted after a
 back-off (:func:`restart_delay`: 0.1 s, doubling per death within :data:`CRASH_WINDOW`:
@@ -36,7 +29,6 @@ totals, and every worker's share labelled by worker number and pid.
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
 import dataclasses
@@ -53,11 +45,20 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from . import _platform
+from ._listener_sharing import (
+    HANDS_OUT,
+    HandOut,
+    close_listener_sets,
+    inherited_fds,
+    listener_specs,
+    open_listener_sets,
+    share,
+    worker_listeners,
+)
 from ._logflood import LogLimiter
 from ._worker_protocol import (
     Configuration,
     HandedConnection,
-    ListenerSpec,
     SnapshotRequest,
     Stop,
     ToWorker,
@@ -67,12 +68,10 @@ from ._worker_protocol import (
     worker_command,
 )
 from .admin import DEFAULT_STUCK_AFTER, MAX_OPERATIONS_LIMIT, log_stats, start_admin
-from .errors import IocpEchoError, os_error_code
-from .listeners import format_address, open_listeners, validate_port, validate_positive
+from .errors import IocpEchoError
+from .listeners import format_address, validate_port, validate_positive
 from .protocol import DEFAULT_MAX_READ
 from .server import (
-    ACCEPT_ERROR_BACKOFF,
-    ACCEPTS_IN_FLIGHT,
     DEFAULT_BACKLOG,
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -228,13 +227,6 @@ class _Worker:
 _stderr_lock = threading.Lock()
 
 
-def _share(conn: socket.socket, pid: int) -> str:
-    """*conn* duplicated for process *pid* (``socket.share``), as text for the control pipe."""
-    if sys.platform != "win32":
-        raise OSError(f"sockets are handed to workers on Windows only, not {sys.platform}")
-    return base64.b64encode(conn.share(pid)).decode()
-
-
 def _relay_stderr(stream: Any) -> None:
     """Copy a worker's log lines to this process's ``sys.stderr`` (whatever it is now)."""
     for line in iter(stream.readline, b""):
@@ -293,10 +285,9 @@ class WorkerPool:
         self._max_connections = max_connections
         self._shutdown_timeout = shutdown_timeout
         self._workers = [_Worker(i + 1) for i in range(count)]
-        #: The listening sockets each worker gets: the same ones for all (Windows), or a
-        #: SO_REUSEPORT group with one set per worker (Linux; see _open_listeners).
-        self._listeners: dict[int, list[socket.socket]] = {}
-        self._open_listeners(host, port, backlog)
+        #: The listening sockets of each worker: the same ones for all (Windows), or a
+        #: SO_REUSEPORT group with one set per worker (Linux; see open_listener_sets).
+        self._listeners = open_listener_sets(self._backend, count, host, port, backlog)
         self._local = self._listeners[1][0].getsockname()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next_request = 0
@@ -310,47 +301,13 @@ class WorkerPool:
         #: Stop signals that came before the loop existed, acted on once it runs.
         self._early_stops: list[str] = []
         #: Windows: this process accepts and hands each connection to the next ready worker.
-        self._hands_out = sys.platform == "win32"
-        self._dispatchers: list[asyncio.Task[None]] = []
-        self._some_ready: asyncio.Event | None = None
+        self._hand_out: HandOut | None = None
         self._turn = 0
         self._log = LogLimiter(logger)
         self.view = WorkersView(self)
 
-    def _open_listeners(self, host: str, port: int, backlog: int) -> None:
-        """Open every listening socket now, in the parent, so errors are reported once.
-
-        Windows: one set of listeners, on which this process accepts for every worker.  Linux:
-        one set per worker in a ``SO_REUSEPORT`` group on the same port, each inherited by
-        its worker, because measured on this project's kernel one inherited socket gave
-        io_uring's accepts in the first worker every connection (500 of 500) while the
-        reuseport group's hash spreads them.  The parent keeps every set open, so the
-        connections the kernel queues for a worker being restarted wait for it instead of
-        being reset.
-        """
-        reuseport = getattr(socket, "SO_REUSEPORT", None) if sys.platform != "win32" else None
-
-        def prepare(sock: socket.socket) -> None:
-            self._backend.prepare_listener(sock)
-            if reuseport is not None:
-                sock.setsockopt(socket.SOL_SOCKET, reuseport, 1)
-
-        try:
-            for worker in self._workers:
-                if reuseport is None and self._listeners:
-                    self._listeners[worker.index] = self._listeners[1]
-                    continue
-                opened = open_listeners(host, port, backlog, prepare)
-                self._listeners[worker.index] = opened
-                port = opened[0].getsockname()[1]  # port 0: the one the OS chose, for all
-        except BaseException:
-            self._close_listeners()
-            raise
-
     def _close_listeners(self) -> None:
-        for listeners in self._listeners.values():
-            for listener in listeners:
-                listener.close()
+        close_listener_sets(self._listeners)
 
     # -- what the view reads ----------------------------------------------------------------
 
@@ -461,15 +418,14 @@ class WorkerPool:
         self._stop_requested = asyncio.Event()
         self._all_stopped = asyncio.Event()
         self._all_ready = asyncio.Event()
-        self._some_ready = asyncio.Event()
         for reason in self._early_stops:
             self.request_stop(reason)
+        if HANDS_OUT and not self._stopping:
+            self._hand_out = HandOut(self._backend, self._log, self._give)
         for worker in self._workers:
             self._start_worker(worker)
-        if self._hands_out and not self._stopping:
-            for listener in self._listeners[1]:
-                for _ in range(ACCEPTS_IN_FLIGHT):
-                    self._dispatchers.append(asyncio.create_task(self._hand_out(listener)))
+        if self._hand_out is not None and not self._stopping:
+            self._hand_out.start(self._listeners[1])
         helpers: list[asyncio.Task[None]] = []
         admin = None
         try:
@@ -504,8 +460,9 @@ class WorkerPool:
         finally:
             for task in helpers:
                 task.cancel()
-            self._stop_handing_out()
-            await asyncio.gather(*self._dispatchers, return_exceptions=True)
+            if self._hand_out is not None:
+                self._hand_out.stop()
+                await self._hand_out.wait_stopped()
             if admin is not None:
                 admin.close()
                 await admin.wait_closed()
@@ -516,42 +473,7 @@ class WorkerPool:
                     if worker.process is not None:
                         await asyncio.to_thread(worker.process.wait)
 
-    # -- Windows: accepting here, handing each connection to a worker in turn ----------------
-
-    async def _hand_out(self, listener: socket.socket) -> None:
-        """Accept on *listener* while a worker is ready to take the connection, and give each
-        one to the next worker in turn (see the module docstring).  While no worker is ready
-        (all being restarted) nothing is accepted: clients wait in the listen backlog."""
-        assert self._loop is not None and self._some_ready is not None
-        while True:
-            await self._some_ready.wait()
-            future = self._backend.accept(self._loop, listener)
-            try:
-                conn, address = await future
-            except asyncio.CancelledError:
-                if future.done() and not future.cancelled() and future.exception() is None:
-                    future.result()[0].close()  # accepted just as we were cancelled
-                elif not future.done():
-                    future.cancel()
-                raise
-            except OSError as exc:
-                if self._stopping:
-                    return
-                transient = self._backend.is_transient_accept_error(exc)
-                self._log.log(
-                    "accept failed",
-                    logging.WARNING if transient else logging.ERROR,
-                    "accept on %s failed: %s (OS error %s); %s",
-                    format_address(listener.getsockname()),
-                    exc,
-                    os_error_code(exc),
-                    "still accepting" if transient else f"retrying in {ACCEPT_ERROR_BACKOFF:.1f} s",
-                    error_class=type(exc).__name__,
-                )
-                if not transient:
-                    await asyncio.sleep(ACCEPT_ERROR_BACKOFF)
-                continue
-            self._give(conn, address)
+    # -- Windows: handing each connection accepted here to a worker in turn ----------------
 
     def _give(self, conn: socket.socket, address: Any) -> None:
         """Send *conn* to the next ready worker (round-robin); close it if none can take it."""
@@ -563,7 +485,7 @@ class WorkerPool:
                 process = worker.process
                 assert process is not None
                 try:
-                    shared = _share(conn, process.pid)
+                    shared = share(conn, process.pid)
                 except OSError as exc:  # it has just exited: try the next one
                     logger.debug("cannot share a connection with worker %d: %s", worker.index, exc)
                     continue
@@ -580,12 +502,6 @@ class WorkerPool:
         finally:
             conn.close()  # a worker has its own handle now, or nobody serves it
 
-    def _stop_handing_out(self) -> None:
-        for task in self._dispatchers:
-            task.cancel()
-        if self._some_ready is not None:
-            self._some_ready.clear()
-
     async def _report(self, every: float, stuck_after: float) -> None:
         while True:
             await asyncio.sleep(every)
@@ -601,7 +517,8 @@ class WorkerPool:
                 self._kill_all()
             return
         self._stopping = True
-        self._stop_handing_out()
+        if self._hand_out is not None:
+            self._hand_out.stop()
         logger.info("%s: stopping %d worker(s) gracefully", reason, len(self._workers))
         for worker in self._workers:
             if worker.restart_handle is not None:
@@ -635,18 +552,14 @@ class WorkerPool:
         worker.state = "starting"
         worker.ready = False
         posix = sys.platform != "win32"
-        listeners = self._listeners[worker.index]
-        if self._hands_out:
-            # The worker never accepts: it gets connections from us.  Its server still needs
-            # a listener to be (its address, in logs and snapshots): the first one.
-            listeners = listeners[:1]
+        listeners = worker_listeners(self._listeners, worker.index)
         try:
             process = subprocess.Popen(
                 worker_command(),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                pass_fds=[s.fileno() for s in listeners] if posix else (),
+                pass_fds=inherited_fds(listeners),
                 # POSIX: out of the terminal's process group, so a Ctrl-C reaches the parent
                 # only, which then stops the workers in order.
                 start_new_session=posix,
@@ -656,11 +569,6 @@ class WorkerPool:
             return
         worker.process = process
         worker.pid = process.pid
-        specs: list[ListenerSpec]
-        if sys.platform == "win32":
-            specs = [{"share": _share(s, process.pid)} for s in listeners]
-        else:
-            specs = [{"fd": s.fileno()} for s in listeners]
         options = dict(self._options)
         # For the worker as a whole: it runs one server for all its listeners (see
         # _workers_child.py), which holds this limit over every one of them.
@@ -669,7 +577,7 @@ class WorkerPool:
             Configuration(
                 worker=worker.index,
                 options=options,
-                listeners=specs,
+                listeners=listener_specs(listeners, process.pid),
                 log_level=logging.getLogger("iocp_echo").getEffectiveLevel(),
             )
         )
@@ -714,9 +622,8 @@ class WorkerPool:
             worker.state = "running"
         if worker.restarts:
             logger.info("worker %d is back (pid %d)", worker.index, process.pid)
-        if not self._stopping:
-            assert self._some_ready is not None
-            self._some_ready.set()
+        if not self._stopping and self._hand_out is not None:
+            self._hand_out.resume()
         if all(w.ready for w in self._workers):
             assert self._all_ready is not None
             self._all_ready.set()
@@ -728,8 +635,8 @@ class WorkerPool:
             return
         worker.process = None
         worker.ready = False
-        if self._some_ready is not None and not any(w.ready for w in self._workers):
-            self._some_ready.clear()
+        if self._hand_out is not None and not any(w.ready for w in self._workers):
+            self._hand_out.pause()
         pid = "-" if process is None else str(process.pid)
         if self._stopping:
             worker.state = "stopped"
