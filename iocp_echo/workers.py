@@ -20,10 +20,11 @@ and acted on as soon as its loop runs.  A worker given SIGTERM itself (a service
 signalling every process of the service) drains the same way.  No worker outlives the parent:
 each treats the end of its control pipe as an order to stop.
 
-The parent also answers for the workers: :class:`WorkersView` has the ``stats()``,
-``pending_operations()`` and ``snapshot()`` of an :class:`~iocp_echo.EchoServer`, built by
-asking each worker over its control pipe, so the admin endpoint and ``--stats-every`` show
-totals, and every worker's share labelled by worker number and pid.
+The parent also answers for the workers: it asks each one over its control pipe
+(:meth:`WorkerPool.collect`), and :class:`WorkersView` (``_workers_view.py``) turns the answers
+into the ``stats()``, ``pending_operations()`` and ``snapshot()`` of an
+:class:`~iocp_echo.EchoServer`, so the admin endpoint and ``--stats-every`` show totals, and
+every worker's share labelled by worker number and pid.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -41,7 +41,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 from . import _platform
@@ -62,11 +61,11 @@ from ._worker_protocol import (
     SnapshotRequest,
     Stop,
     ToWorker,
-    address_from_json,
     decode,
     encode,
     worker_command,
 )
+from ._workers_view import WorkerOperation, WorkersStats, WorkersView
 from .admin import DEFAULT_STUCK_AFTER, MAX_OPERATIONS_LIMIT, log_stats, start_admin
 from .errors import IocpEchoError
 from .listeners import format_address, validate_port, validate_positive
@@ -77,7 +76,6 @@ from .server import (
     DEFAULT_PORT,
     DEFAULT_SHUTDOWN_TIMEOUT,
     EchoServer,
-    ServerStats,
 )
 
 __all__ = [
@@ -152,48 +150,6 @@ def describe_exit(status: int) -> str:
     if status > 0xFFFF:
         return f"status {status:#x}"
     return f"status {status}"
-
-
-@dataclass(frozen=True)
-class WorkerOperation:
-    """A pending operation of one worker, as that worker reported it."""
-
-    kind: str
-    state: str
-    fileno: int | None
-    local: Any
-    peer: Any
-    nbytes: int | None
-    started: float
-    age: float
-    worker: int
-    pid: int | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "state": self.state,
-            "fileno": self.fileno,
-            "local": self.local,
-            "peer": self.peer,
-            "nbytes": self.nbytes,
-            "started": self.started,
-            "age": self.age,
-            "worker": self.worker,
-            "pid": self.pid,
-        }
-
-
-@dataclass(frozen=True)
-class WorkersStats(ServerStats):
-    """Totals over every worker (the :class:`ServerStats` fields), and each worker's own.
-
-    ``workers`` holds one entry per worker: ``worker`` (1..N), ``pid`` (None while it is being
-    restarted), ``state``, ``restarts``, and ``stats`` (its :class:`ServerStats` as a dict, or
-    None with ``error`` saying why it is missing).
-    """
-
-    workers: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _Worker:
@@ -720,124 +676,6 @@ class WorkerPool:
             result.append(entry)
         self._cache = (time.monotonic(), result)
         return result
-
-
-def _sum_stats(entries: list[dict[str, Any]]) -> WorkersStats:
-    totals: dict[str, Any] = {}
-    unavailable = []
-    for entry in entries:
-        stats = entry["stats"]
-        if stats is None:
-            continue
-        for f in dataclasses.fields(ServerStats):
-            value = stats.get(f.name)
-            if f.name == "pending_unavailable":
-                if value:
-                    unavailable.append(f"worker {entry['worker']}: {value}")
-            elif f.name == "oldest_pending_age":
-                totals[f.name] = max(totals.get(f.name, 0.0), float(value or 0.0))
-            elif isinstance(value, dict):
-                merged = collections.Counter(totals.get(f.name, {}))
-                merged.update(value)
-                totals[f.name] = dict(merged)
-            else:
-                totals[f.name] = totals.get(f.name, 0) + int(value or 0)
-    public = [{k: v for k, v in e.items() if k != "snapshot"} for e in entries]
-    return WorkersStats(
-        open_connections=totals.get("open_connections", 0),
-        total_connections=totals.get("total_connections", 0),
-        refused_connections=totals.get("refused_connections", 0),
-        failed_accepts=totals.get("failed_accepts", 0),
-        bytes_received=totals.get("bytes_received", 0),
-        bytes_sent=totals.get("bytes_sent", 0),
-        bytes_unsent=totals.get("bytes_unsent", 0),
-        reading_paused=totals.get("reading_paused", 0),
-        errors=totals.get("errors", {}),
-        pending_by_kind=totals.get("pending_by_kind", {}),
-        pending_by_state=totals.get("pending_by_state", {}),
-        oldest_pending_age=totals.get("oldest_pending_age", 0.0),
-        pending_unavailable="; ".join(unavailable) or None,
-        workers=public,
-    )
-
-
-class WorkersView:
-    """The whole pool seen as one server, for the admin endpoint and ``--stats-every``.
-
-    It has the reading side of :class:`~iocp_echo.EchoServer`: ``host``, ``port``,
-    ``backend_name``, ``is_serving()``, ``stats()`` (a :class:`WorkersStats`: totals, and
-    each worker's own), ``pending_operations()`` (every worker's, oldest first, each a
-    :class:`WorkerOperation` naming its worker and pid; at most the 1,000 oldest per worker)
-    and ``snapshot()``.
-    """
-
-    def __init__(self, pool: WorkerPool) -> None:
-        self._pool = pool
-
-    @property
-    def host(self) -> str:
-        return self._pool.host
-
-    @property
-    def port(self) -> int:
-        return self._pool.port
-
-    @property
-    def backend_name(self) -> str:
-        return f"{self._pool.backend_name}, {self._pool.workers} workers"
-
-    def is_serving(self) -> bool:
-        return self._pool.is_serving()
-
-    def stats(self) -> WorkersStats:
-        return _sum_stats(self._pool.collect())
-
-    def pending_operations(self) -> list[WorkerOperation]:
-        operations = []
-        # The admin endpoint and log_stats() ask for stats() and then at once for this: the
-        # same answers serve both, so totals and the list agree.
-        for entry in self._pool.collect(max_age=0.5):
-            snapshot = entry.get("snapshot")
-            if snapshot is None:
-                continue
-            for op in snapshot["operations"]:
-                operations.append(
-                    WorkerOperation(
-                        kind=op["kind"],
-                        state=op["state"],
-                        fileno=op["fileno"],
-                        local=address_from_json(op["local"]),
-                        peer=address_from_json(op["peer"]),
-                        nbytes=op["nbytes"],
-                        started=op["started"],
-                        age=op["age"],
-                        worker=entry["worker"],
-                        pid=entry["pid"],
-                    )
-                )
-        operations.sort(key=lambda op: -op.age)
-        return operations
-
-    def snapshot(self) -> dict[str, Any]:
-        stats = self.stats()
-        return {
-            "server": {
-                "host": self.host,
-                "port": self.port,
-                "backend": self.backend_name,
-                "python": sys.version.split()[0],
-                "serving": self.is_serving(),
-            },
-            "stats": dataclasses.asdict(stats),
-            "operations": [op.as_dict() for op in self.pending_operations()],
-            "operations_unavailable": stats.pending_unavailable,
-            "time": time.monotonic(),
-        }
-
-    def __repr__(self) -> str:
-        return (
-            f"<WorkersView {format_address((self.host, self.port))} workers={self._pool.workers}>"
-        )
 
 
 def run_workers(
