@@ -236,3 +236,42 @@ def capabilities(loop: asyncio.AbstractEventLoop) -> dict[str, str | None]:
     except InternalsUnavailable as exc:
         report["completion_hook"] = str(exc)
     return report
+
+# -- the loops' own socket transports (iocp_echo._loop_transports) ---------------------------
+
+
+def _server_hook(server: Any, name: str) -> Callable[[Any], None]:
+    method = getattr(server, name, None)
+    code = getattr(getattr(type(server), name, None), "__code__", None)
+    if method is None or code is None:
+        raise InternalsUnavailable(f"asyncio.Server has no {name}()")
+    if code.co_argcount == 2:  # 3.13+: the server keeps its transports (close_clients())
+        return method  # type: ignore[no-any-return]
+    if code.co_argcount == 1:  # 3.11, 3.12: a count only
+        return lambda _transport: method()
+    raise InternalsUnavailable(f"asyncio.Server.{name}() takes {code.co_argcount - 1} arguments")
+
+
+def server_attach(server: Any, transport: asyncio.BaseTransport) -> None:
+    """Count *transport* among *server*'s connections, as asyncio's own transports do in
+    their constructor: ``Server.wait_closed()`` waits for them, and on 3.13
+    ``close_clients()``/``abort_clients()`` reach them."""
+    _server_hook(server, "_attach")(transport)
+
+
+def server_detach(server: Any, transport: asyncio.BaseTransport) -> None:
+    """The counterpart of :func:`server_attach`, once the connection is lost."""
+    _server_hook(server, "_detach")(transport)
+
+
+def ssl_protocol_class() -> type[asyncio.BufferedProtocol]:
+    """``asyncio.sslproto.SSLProtocol``: the TLS layer every asyncio loop puts between a
+    socket transport and the application's protocol (``loop._make_ssl_transport``)."""
+    from asyncio import sslproto
+
+    cls = getattr(sslproto, "SSLProtocol", None)
+    if not isinstance(cls, type) or not hasattr(cls, "_app_transport"):
+        init_names = getattr(getattr(cls, "__init__", None), "__code__", None)
+        if init_names is None or "_app_transport" not in init_names.co_names:
+            raise InternalsUnavailable("asyncio.sslproto.SSLProtocol has another shape")
+    return cls  # type: ignore[return-value]

@@ -130,9 +130,10 @@ class CompletionTransport(asyncio.Transport):
         write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
         owner: ConnectionOwner | None = None,
     ) -> None:
-        # asyncio.BaseTransport keeps an ``_extra`` dict per transport; the extras here are
-        # computed on demand instead, which keeps an idle connection small.
-        self._extra = None  # type: ignore[assignment]
+        # asyncio.BaseTransport keeps an ``_extra`` dict per transport; a server's extras are
+        # computed on demand instead, which keeps an idle connection small.  The loop's own
+        # transports (``_loop_transports.py``) set asyncio's dict.
+        self._extra: dict[str, Any] | None = None  # type: ignore[assignment]
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # As asyncio's transports do: without it a write that leaves a small tail (a
             # 65,536-byte echo read as 65,535 + 1) waits for the peer's delayed ACK (Nagle).
@@ -171,6 +172,9 @@ class CompletionTransport(asyncio.Transport):
     # -- asyncio.Transport ------------------------------------------------------------------
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        extra = self._extra
+        if extra is not None:  # a loop's transport: asyncio's extras, made with it
+            return extra.get(name, default)
         if name == "peername":
             return self._peer if self._peer is not None else default
         if name == "sockname":

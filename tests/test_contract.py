@@ -370,6 +370,7 @@ class StartTls(asyncio.Protocol):
         self.context = context
         self.transport: asyncio.Transport | None = None
         self.upgraded: asyncio.Future[asyncio.Transport] | None = None
+        self.early: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -383,6 +384,10 @@ class StartTls(asyncio.Protocol):
             self.transport.pause_reading()
             self.transport.write(b"GO\n")
             self.upgraded = asyncio.ensure_future(self._upgrade(self.transport))
+        elif self.upgraded is not None and not self.upgraded.done():
+            # Decrypted data can arrive before start_tls() returns the TLS transport (asyncio
+            # runs the rest of _upgrade() later): answer it once the transport is known.
+            self.early.append(data)
         else:
             self.transport.write(data.upper())
 
@@ -391,6 +396,8 @@ class StartTls(asyncio.Protocol):
         tls = await loop.start_tls(transport, self, self.context, server_side=True)
         assert tls is not None
         self.transport = tls
+        for data in self.early:
+            tls.write(data.upper())
         return tls
 
 
