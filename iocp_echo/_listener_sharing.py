@@ -30,12 +30,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ._accepting import ACCEPT_ERROR_BACKOFF, ACCEPTS_IN_FLIGHT
 from ._backend import Backend
 from ._logflood import LogLimiter
 from ._worker_protocol import ListenerSpec
 from .errors import os_error_code
 from .listeners import format_address, open_listeners
-from .server import ACCEPT_ERROR_BACKOFF, ACCEPTS_IN_FLIGHT
 
 __all__ = [
     "HANDS_OUT",

@@ -1,15 +1,13 @@
 """``serve()``, ``serve_echo()`` and the :class:`EchoServer` they return.
 
-The server owns its accept loop instead of using ``loop.create_server()``: asyncio's proactor
-accept loop closes the listening socket when a single accept fails (CPython gh-93821), and
-stops accepting when setting up one connection raises (gh-156365).  Here a failed accept costs
-one connection, a failed set-up costs one connection, and the listener lives until
-:meth:`EchoServer.close`.
-
-Each accepted connection gets a transport of the backend's completion engine (driven straight
-from its completions: see ``_transport.py``), or, for TLS and when the engine cannot start on
-this CPython or kernel, asyncio's own proactor transport (``_stock.py``).  One sweep timer per
-server closes idle connections and lets the engine reclaim buffers from quiet ones.
+The server owns its accept loop instead of using ``loop.create_server()``, so that one failed
+accept or one failed set-up costs one connection and never the listener (``_accepting.py``
+says how, and admits each connection).  Each accepted connection gets a transport of the
+backend's completion engine (driven straight from its completions: see ``_transport.py``), or,
+for TLS and when the engine cannot start on this CPython or kernel, asyncio's own proactor
+transport (``_stock.py``).  One sweep timer per server closes idle connections and lets the
+engine reclaim buffers from quiet ones.  This module holds the server's life: its arguments,
+start, public face, and shutdown.
 """
 
 from __future__ import annotations
@@ -29,10 +27,12 @@ from types import TracebackType
 from typing import Any
 
 from . import _platform, _private, introspection
+from ._accepting import ACCEPT_ERROR_BACKOFF as ACCEPT_ERROR_BACKOFF
+from ._accepting import ACCEPTS_IN_FLIGHT as ACCEPTS_IN_FLIGHT
+from ._accepting import Accepting, Connection
 from ._logflood import LogLimiter
 from ._stock import StockConnection
 from ._transport import DEFAULT_WRITE_HIGH_WATER, CompletionTransport
-from .errors import os_error_code
 from .listeners import format_address, open_listeners, validate_port, validate_positive
 from .protocol import DEFAULT_MAX_READ, EchoProtocol
 
@@ -44,20 +44,11 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_BACKLOG = 1024
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
-#: AcceptEx operations kept in flight per listening socket, so a burst of connections (or of
-#: clients resetting mid-accept) never waits behind one accept's completion.
-ACCEPTS_IN_FLIGHT = 4
-#: Pause before re-arming after an accept error that is not about one client (for example no
-#: buffers or descriptors left): retrying at once would spin.
-ACCEPT_ERROR_BACKOFF = 0.5
 #: How long wait_closed() waits for cancelled operations' completion packets.
 _DRAIN_TIMEOUT = 5.0
 #: The sweep's period: idle connections are closed at most this late, and quiet ones give
 #: their read buffer back after QUIET_AFTER plus at most this.
 SWEEP_INTERVAL = 1.0
-
-#: A connection as the server sees it: the engine's transport, or the fallback's adapter.
-Connection = CompletionTransport | StockConnection
 
 
 @dataclass(frozen=True)
@@ -183,7 +174,7 @@ async def serve_echo(
     )
 
 
-class EchoServer:
+class EchoServer(Accepting):
     """A running server.  Use ``async with`` or call :meth:`close` and :meth:`wait_closed`."""
 
     def __init__(
@@ -355,19 +346,6 @@ class EchoServer:
         self._shutdown_task = self._loop.create_task(self._shutdown())
         self._stop_accepting()
 
-    def _stop_accepting(self) -> None:
-        """Cancel every accept and close the listeners (idempotent: _shutdown() repeats it)."""
-        for task in self._accept_tasks:
-            task.cancel()
-        # Cancel the accepts themselves too: a task cancelled before it first ran never
-        # awaits the accept _start() posted for it.
-        for future in list(self._accepts):
-            self._abandon_accept(future)
-        if self._engine is not None and self._engine.accepts:
-            self._engine.stop_accepting()
-        for listener in self._listeners:
-            listener.close()
-
     async def wait_closed(self) -> None:
         """Wait until the server is fully closed.
 
@@ -409,234 +387,17 @@ class EchoServer:
             f"connections={len(self._connections)} backend={self._backend.NAME!r}>"
         )
 
-    # -- accepting --------------------------------------------------------------------------
-
-    def adopt(self, conn: socket.socket, address: Any) -> None:
-        """Serve a connection accepted elsewhere (see ``serve(accept=False)``), with the same
-        limits as the server's own accepts.  Call it on the loop's thread (from another
-        thread: ``loop.call_soon_threadsafe(server.adopt, conn, address)``)."""
-        conn.setblocking(False)
-        self._admit(conn, address)
-
     def _start(self, *, accept: bool = True) -> None:
         """Post the first accepts now, so that serve() returns with accepts in flight."""
         introspection.register_source(self)
         try:
-            for listener in self._listeners if accept else ():
-                if self._engine is not None and self._engine.accepts:
-                    # one multishot accept per listener, completions straight to _admit
-                    self._engine.start_accepting(listener, self._admit, self._accept_failed)
-                    continue
-                for _ in range(ACCEPTS_IN_FLIGHT):
-                    first = self._issue_accept(listener)
-                    task = self._loop.create_task(self._accept_loop(listener, first))
-                    self._accept_tasks.append(task)
+            if accept:
+                self._start_accepting()
         except BaseException:
             self.close()
             raise
         self._sweep_handle = self._loop.call_later(self._sweep_interval(), self._sweep)
         logger.info("serving on %s with %s", format_address(self._local), self.engine_name)
-
-    def _issue_accept(self, listener: socket.socket) -> asyncio.Future[tuple[socket.socket, Any]]:
-        future = self._backend.accept(self._loop, listener)
-        introspection.record(future, "accept", 0)
-        self._accepts.add(future)
-        future.add_done_callback(self._accepts.discard)
-        return future
-
-    @staticmethod
-    def _abandon_accept(future: asyncio.Future[tuple[socket.socket, Any]]) -> None:
-        """Cancel an accept nobody will await, or close what it accepted."""
-        if not future.done():
-            future.cancel()
-        elif not future.cancelled() and future.exception() is None:
-            future.result()[0].close()
-
-    async def _accept_loop(
-        self, listener: socket.socket, first: asyncio.Future[tuple[socket.socket, Any]] | None
-    ) -> None:
-        while True:
-            try:
-                future = first if first is not None else self._issue_accept(listener)
-                first = None
-                try:
-                    conn, address = await future
-                except asyncio.CancelledError:
-                    self._abandon_accept(future)  # it may have accepted just as we were cancelled
-                    raise
-            except OSError as exc:
-                if self._closing:
-                    return
-                delay = self._accept_failed(exc)
-                if delay:
-                    await asyncio.sleep(delay)
-                continue
-            except Exception as exc:
-                if self._closing:
-                    return
-                self._errors[type(exc).__name__] += 1
-                self._failed_accepts += 1
-                logger.exception("unexpected error while accepting; still accepting")
-                await asyncio.sleep(ACCEPT_ERROR_BACKOFF)
-                continue
-            self._admit(conn, address)
-
-    def _accept_failed(self, exc: OSError) -> float:
-        """Count and log (rate-limited) a failed accept; return how long to wait before
-        accepting again: 0 when one client went away, a pause when the cause is not one
-        client (no descriptors or buffers left: retrying at once would spin)."""
-        self._errors[type(exc).__name__] += 1
-        self._failed_accepts += 1
-        if self._backend.is_transient_accept_error(exc):
-            self._log.log(
-                "accept failed",
-                logging.WARNING,
-                "accept on %s failed: the client went away before it completed: %s "
-                "(OS error %s); still accepting",
-                format_address(self._local),
-                exc,
-                os_error_code(exc),
-                error_class=type(exc).__name__,
-            )
-            return 0.0
-        self._log.log(
-            "accept failed",
-            logging.ERROR,
-            "accept on %s failed: %s (OS error %s); retrying in %.1f s",
-            format_address(self._local),
-            exc,
-            os_error_code(exc),
-            ACCEPT_ERROR_BACKOFF,
-            error_class=type(exc).__name__,
-        )
-        return ACCEPT_ERROR_BACKOFF
-
-    def _admit(self, conn: socket.socket, address: Any) -> None:
-        if self._closing:
-            conn.close()
-            return
-        if self._max_connections is not None and len(self._connections) >= self._max_connections:
-            self._refused += 1
-            self._log.log(
-                "connection refused",
-                logging.WARNING,
-                "refusing connection from %s: max_connections=%d reached",
-                format_address(address),
-                self._max_connections,
-                error_class="max_connections",
-            )
-            conn.close()
-            return
-        self._total += 1
-        if self._engine is None:
-            task = self._loop.create_task(self._set_up_stock(conn, address))
-            self._setup_tasks.add(task)
-            task.add_done_callback(self._setup_tasks.discard)
-            return
-        try:
-            protocol = self._protocol_factory()
-            transport = self._engine.connect(
-                conn,
-                protocol,
-                peer=address,
-                write_high_water=self._write_high_water,
-                owner=self,
-            )
-        except Exception as exc:
-            conn.close()
-            self._set_up_failed(address, exc)
-            return
-        self._connections.add(transport)
-        self._no_connections.clear()
-        logger.debug("connection opened from %s", format_address(address))
-        transport.start()
-
-    async def _set_up_stock(self, conn: socket.socket, address: Any) -> None:
-        """Wrap an accepted socket in asyncio's proactor transport (TLS, or no engine)."""
-        connection: StockConnection | None = None
-        try:
-            connection = StockConnection(
-                self._protocol_factory(),
-                sock=conn,
-                peer=address,
-                max_read=self._max_read,
-                write_high_water=self._write_high_water,
-                owner=self,
-            )
-            self._connections.add(connection)
-            self._no_connections.clear()
-            logger.debug("connection opened from %s", format_address(address))
-            await self._loop.connect_accepted_socket(lambda: connection, conn, ssl=self._ssl)
-        except BaseException as exc:
-            if connection is None or connection.transport is None:
-                conn.close()  # connection_lost will not come: clean up here
-                if connection is not None:
-                    self._forget(connection)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            self._set_up_failed(address, exc)
-
-    def _set_up_failed(self, address: Any, exc: BaseException) -> None:
-        """A failure making one connection costs that connection only."""
-        self._errors[type(exc).__name__] += 1
-        if isinstance(exc, OSError):
-            self._log.log(
-                "set-up failed",
-                logging.WARNING,
-                "setting up the connection from %s failed: %s (OS error %s)",
-                format_address(address),
-                exc,
-                os_error_code(exc),
-                error_class=type(exc).__name__,
-            )
-        else:
-            self._log.log(
-                "set-up failed",
-                logging.ERROR,
-                "setting up the connection from %s failed",
-                format_address(address),
-                exc_info=exc,
-                error_class=type(exc).__name__,
-            )
-
-    def transport_lost(self, connection: Any, exc: BaseException | None) -> None:
-        """A connection ended (its protocol's ``connection_lost`` has run)."""
-        peer = format_address(connection.peer)
-        if exc is None:
-            logger.debug("connection from %s closed", peer)
-        else:
-            self._errors[type(exc).__name__] += 1
-            if isinstance(exc, OSError):
-                self._log.log(
-                    "connection lost",
-                    logging.WARNING,
-                    "connection from %s lost: %s: %s (OS error %s)",
-                    peer,
-                    type(exc).__name__,
-                    exc,
-                    os_error_code(exc),
-                    error_class=type(exc).__name__,
-                )
-            else:
-                self._log.log(
-                    "connection lost",
-                    logging.ERROR,
-                    "connection from %s failed",
-                    peer,
-                    exc_info=exc,
-                    error_class=type(exc).__name__,
-                )
-        self._forget(connection)
-
-    def _forget(self, connection: Connection) -> None:
-        if connection not in self._connections:
-            return
-        self._connections.discard(connection)
-        self._closed_bytes_in += connection.bytes_received
-        self._closed_bytes_out += connection.bytes_sent
-        self._released.add(connection)
-        if not self._connections:
-            self._no_connections.set()
 
     # -- the sweep --------------------------------------------------------------------------
 
