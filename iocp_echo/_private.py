@@ -27,6 +27,13 @@ CPython but *implementing* its extension points, each covered by the whole suite
   as ``_proactor``), and starts/stops the self-pipe reader the way ``ProactorEventLoop`` does
   (``_loop_self_reading``, ``_self_reading_future``, ``_run_forever_setup``/``_cleanup`` on
   3.13, ``run_forever`` before).  Introspection names that self-pipe read by ``_ssock``.
+  Completing the loop on Linux, it fills in what ``BaseEventLoop`` leaves to its subclasses as
+  asyncio's Unix loop does: ``_make_read_pipe_transport``/``_make_write_pipe_transport``,
+  ``_make_subprocess_transport``, ``_stop_serving``; reads the signal numbers in the self-pipe
+  bytes ``_loop_self_reading`` receives (the write end, ``_csock``, being the wake-up fd);
+  queues readiness and signal handles with ``_add_callback``; and offers the
+  ``_add_reader``/``_remove_reader``/``_add_writer``/``_remove_writer`` that asyncio's Unix
+  transports and child watchers call.
 * ``protocol.is_completion_transport`` recognises asyncio's proactor transports by their base
   class ``proactor_events._ProactorBasePipeTransport`` (enforcement only: a wrong answer refuses
   a transport, it never misuses one).
@@ -210,6 +217,135 @@ def completion_hook(loop: asyncio.AbstractEventLoop) -> CompletionHook:
     if not isinstance(getattr(proactor, "_results", None), list):
         raise InternalsUnavailable("IocpProactor._results is not a list")
     return CompletionHook(cache, register)
+
+
+# -- the io_uring loop's Unix pieces: pipes, subprocesses (iocp_echo._uring) ----------------
+
+#: What asyncio's Unix pipe transports call on their loop beyond its public API; the io_uring
+#: loop offers these four (``FdWatcher``).  If a transport stops calling them, it no longer
+#: works the way the loop serves it.
+_PIPE_LOOP_NAMES = {
+    "_UnixReadPipeTransport": frozenset({"_add_reader", "_remove_reader"}),
+    "_UnixWritePipeTransport": frozenset(
+        {"_add_reader", "_remove_reader", "_add_writer", "_remove_writer"}
+    ),
+}
+#: Names that would mean a pipe transport depends on the selector loop itself (its
+#: ``__repr__`` asks the selector, and is replaced by the io_uring loop's subclass).
+_SELECTOR_ONLY_NAMES = frozenset(
+    {"_selector", "_transports", "_ensure_fd_no_transport", "_test_selector_event"}
+)
+_PIPE_INIT = ("self", "loop", "pipe", "protocol", "waiter", "extra")
+_SUBPROCESS_INIT = (
+    "self",
+    "loop",
+    "protocol",
+    "args",
+    "shell",
+    "stdin",
+    "stdout",
+    "stderr",
+    "bufsize",
+    "waiter",
+    "extra",
+)
+
+
+def _parameters(function: Any) -> tuple[str, ...]:
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return ()
+    return tuple(code.co_varnames[: code.co_argcount + code.co_kwonlyargcount])
+
+
+def _names_used(cls: type, skip: frozenset[str]) -> set[str]:
+    """The global and attribute names the methods of *cls* (and its asyncio bases) use."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if not klass.__module__.startswith("asyncio."):
+            continue
+        for attr, value in vars(klass).items():
+            code = getattr(value, "__code__", None)
+            if code is not None and attr not in skip:
+                names.update(code.co_names)
+    return names
+
+
+def unix_pipe_transports() -> tuple[type[Any], type[Any]]:
+    """asyncio's Unix pipe transports, ``unix_events._UnixReadPipeTransport`` and
+    ``_UnixWritePipeTransport``, for the io_uring loop to run on its readiness watches.
+
+    They reach their loop through its public API and the four methods of
+    :data:`_PIPE_LOOP_NAMES`; their constructor is ``(loop, pipe, protocol, waiter, extra)``.
+    Their ``__repr__`` asks the selector loop's selector: the caller replaces it.
+    """
+    try:
+        from asyncio import unix_events
+    except ImportError as exc:  # Windows
+        raise InternalsUnavailable(f"asyncio.unix_events is unavailable: {exc}") from None
+    found: list[type] = []
+    for name, base in (
+        ("_UnixReadPipeTransport", asyncio.ReadTransport),
+        ("_UnixWritePipeTransport", asyncio.WriteTransport),
+    ):
+        cls = getattr(unix_events, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise InternalsUnavailable(f"asyncio.unix_events.{name} is missing or not a {base}")
+        if _parameters(cls.__init__) != _PIPE_INIT:
+            raise InternalsUnavailable(f"asyncio.unix_events.{name}() takes other arguments")
+        used = _names_used(cls, frozenset({"__repr__"}))
+        missing = _PIPE_LOOP_NAMES[name] - used
+        extra = _SELECTOR_ONLY_NAMES & used
+        if missing or extra:
+            raise InternalsUnavailable(
+                f"asyncio.unix_events.{name} no longer uses {sorted(missing)} or now uses "
+                f"{sorted(extra)}: it is not the transport the io_uring loop was built for"
+            )
+        found.append(cls)
+    return found[0], found[1]
+
+
+def unix_subprocess_transport() -> type[Any]:
+    """``unix_events._UnixSubprocessTransport`` (``subprocess.Popen`` under
+    ``base_subprocess.BaseSubprocessTransport``), for the io_uring loop's subprocesses.
+
+    The loop makes it as asyncio's Unix loop does, ``(loop, protocol, args, shell, stdin,
+    stdout, stderr, bufsize, waiter, extra, **popen_kwargs)``; connects its pipes through the
+    loop's public ``connect_read_pipe``/``connect_write_pipe``; and tells it of the child's
+    exit with ``_process_exited(returncode)``, or, when starting fails, closes it and awaits
+    ``_wait()``.
+    """
+    try:
+        from asyncio import base_subprocess, unix_events
+    except ImportError as exc:  # Windows
+        raise InternalsUnavailable(f"asyncio.unix_events is unavailable: {exc}") from None
+    cls = getattr(unix_events, "_UnixSubprocessTransport", None)
+    base = getattr(base_subprocess, "BaseSubprocessTransport", None)
+    if not (isinstance(cls, type) and isinstance(base, type) and issubclass(cls, base)):
+        raise InternalsUnavailable("asyncio.unix_events._UnixSubprocessTransport is missing")
+    for method in ("_process_exited", "_wait", "get_pid", "_start", "_connect_pipes"):
+        if not callable(getattr(cls, method, None)):
+            raise InternalsUnavailable(f"asyncio's subprocess transport has no {method}()")
+    if _parameters(cls.__init__)[: len(_SUBPROCESS_INIT)] != _SUBPROCESS_INIT:
+        raise InternalsUnavailable("asyncio's subprocess transport takes other arguments")
+    return cls
+
+
+def installed_child_watcher(policy: asyncio.AbstractEventLoopPolicy) -> Any | None:
+    """The child watcher an application installed on asyncio's Unix policy
+    (``set_child_watcher``, deprecated in 3.12, gone in 3.14), else None.
+
+    asyncio's Unix loop waits for its children through that watcher; the io_uring loop has
+    its own (pidfd) and defers to an installed one only, read from the policy's
+    ``_watcher`` without creating one as ``get_child_watcher()`` would.
+    """
+    if not callable(getattr(policy, "get_child_watcher", None)):
+        return None  # 3.14+, or a policy with no watchers
+    if "_watcher" not in vars(policy):
+        raise InternalsUnavailable(
+            f"{type(policy).__name__} keeps no _watcher: cannot tell an installed watcher"
+        )
+    return vars(policy)["_watcher"]
 
 
 def capabilities(loop: asyncio.AbstractEventLoop) -> dict[str, str | None]:

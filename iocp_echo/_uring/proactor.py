@@ -78,7 +78,7 @@ import sys
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol
 
 from ..errors import UnsupportedPlatformError
 from . import abi
@@ -249,6 +249,13 @@ class _Operation:
         self.slot = -1
 
 
+class HasFileno(Protocol):
+    """What a direct operation is issued on: a socket, or any owner of a descriptor (asked
+    again before each submission: -1 means closed)."""
+
+    def fileno(self) -> int: ...
+
+
 class _Direct:
     """A direct operation's record: its handler is called inline with each CQE."""
 
@@ -267,7 +274,7 @@ class _Direct:
     def __init__(
         self,
         kind: str,
-        obj: socket.socket,
+        obj: HasFileno,
         nbytes: int,
         handler: Callable[[int, int], None],
         anchor: object,
@@ -381,7 +388,7 @@ class UringProactor:
     def submit_direct(
         self,
         opcode: int,
-        fd_owner: socket.socket,
+        fd_owner: HasFileno,
         handler: Callable[[int, int], None],
         *,
         kind: str,
@@ -627,7 +634,12 @@ class UringProactor:
         return self._readiness("send", sock, _POLLOUT, lambda: sock.sendto(buf, flags, addr))
 
     def _stop_serving(self, obj: socket.socket) -> None:
-        """The loop closes this listening socket next: cancel the accepts on it first."""
+        """The loop closes this listening socket next: cancel the accepts on it first, and
+        stop it listening now.  An accept the kernel holds keeps its own reference to the
+        socket, so closing the descriptor alone leaves it listening (connections still
+        completing the handshake into its backlog) until the ``ASYNC_CANCEL`` is submitted at
+        the next ``io_uring_enter``; ``shutdown`` on a listening socket takes it out of the
+        listening state at once, and new connections are refused."""
         for operation in list(self._ops.values()):
             if (
                 isinstance(operation, _Operation)
@@ -635,6 +647,10 @@ class UringProactor:
                 and operation.kind == "accept"
             ):
                 operation.future.cancel()
+        try:
+            obj.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not listening (ENOTCONN), or already closed
 
     def select(self, timeout: float | None = None) -> list[Any]:
         """One loop iteration's system call: submit everything queued, wait up to *timeout*
