@@ -22,7 +22,6 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -31,8 +30,8 @@ from ._accepting import ACCEPT_ERROR_BACKOFF as ACCEPT_ERROR_BACKOFF
 from ._accepting import ACCEPTS_IN_FLIGHT as ACCEPTS_IN_FLIGHT
 from ._accepting import Accepting, Connection
 from ._logflood import LogLimiter
-from ._stock import StockConnection
-from ._transport import DEFAULT_WRITE_HIGH_WATER, CompletionTransport
+from ._server_stats import Reporting, ServerStats
+from ._transport import DEFAULT_WRITE_HIGH_WATER
 from .listeners import format_address, open_listeners, validate_port, validate_positive
 from .protocol import DEFAULT_MAX_READ, EchoProtocol
 
@@ -49,27 +48,6 @@ _DRAIN_TIMEOUT = 5.0
 #: The sweep's period: idle connections are closed at most this late, and quiet ones give
 #: their read buffer back after QUIET_AFTER plus at most this.
 SWEEP_INTERVAL = 1.0
-
-
-@dataclass(frozen=True)
-class ServerStats:
-    """A snapshot of one server's counters (see :meth:`EchoServer.stats`)."""
-
-    open_connections: int
-    total_connections: int
-    refused_connections: int
-    failed_accepts: int
-    bytes_received: int
-    bytes_sent: int
-    bytes_unsent: int
-    reading_paused: int
-    errors: dict[str, int] = field(default_factory=dict)
-    #: Pending overlapped operations of the server by kind and by state, and the age in
-    #: seconds of the oldest; ``pending_unavailable`` says why when they cannot be known.
-    pending_by_kind: dict[str, int] = field(default_factory=dict)
-    pending_by_state: dict[str, int] = field(default_factory=dict)
-    oldest_pending_age: float = 0.0
-    pending_unavailable: str | None = None
 
 
 async def serve(
@@ -174,7 +152,7 @@ async def serve_echo(
     )
 
 
-class EchoServer(Accepting):
+class EchoServer(Accepting, Reporting):
     """A running server.  Use ``async with`` or call :meth:`close` and :meth:`wait_closed`."""
 
     def __init__(
@@ -266,53 +244,6 @@ class EchoServer(Accepting):
 
     def is_serving(self) -> bool:
         return not self._closing
-
-    def stats(self) -> ServerStats:
-        connections = list(self._connections)
-        try:
-            pending = introspection.summarize(self.pending_operations())
-            unavailable = None
-        except introspection.IntrospectionUnavailable as exc:
-            pending = {"by_kind": {}, "by_state": {}, "oldest_age": 0.0}
-            unavailable = str(exc)
-        return ServerStats(
-            open_connections=len(connections),
-            total_connections=self._total,
-            refused_connections=self._refused,
-            failed_accepts=self._failed_accepts,
-            bytes_received=self._closed_bytes_in + sum(c.bytes_received for c in connections),
-            bytes_sent=self._closed_bytes_out + sum(c.bytes_sent for c in connections),
-            bytes_unsent=sum(c.get_write_buffer_size() for c in connections),
-            reading_paused=sum(c.reading_paused for c in connections),
-            errors=dict(self._errors),
-            pending_by_kind=pending["by_kind"],
-            pending_by_state=pending["by_state"],
-            oldest_pending_age=pending["oldest_age"],
-            pending_unavailable=unavailable,
-        )
-
-    def pending_operations(self) -> list[introspection.PendingOperation]:
-        """The operations in flight on this server's sockets, oldest first: its accepts and
-        its connections' reads and writes (and, just after they close, their cancelled
-        operations until the kernel returns them)."""
-        engine_ops: list[introspection.PendingOperation] = []
-        stock_sockets: list[socket.socket] = list(self._listeners)
-        for connection in [*self._connections, *self._released]:
-            if isinstance(connection, CompletionTransport):
-                engine_ops.extend(introspection.engine_operations(connection))
-            else:
-                stock_sockets.append(connection.socket)
-        _, owners = self.owners()
-        operations = introspection.collect(self._loop, stock_sockets, owners)
-        if engine_ops:
-            operations = sorted([*operations, *engine_ops], key=lambda op: op.started)
-        return operations
-
-    def owners(self) -> tuple[asyncio.AbstractEventLoop, dict[int, Any]]:
-        """This server's fallback connections by ``id()`` of their socket (introspection
-        matches their transports' futures with them)."""
-        owned = {id(c.socket): c for c in self._connections if isinstance(c, StockConnection)}
-        return self._loop, owned
 
     def snapshot(self) -> dict[str, Any]:
         """Everything known about the server now, ready for ``json.dumps``."""
