@@ -223,6 +223,25 @@ async def test_signal_wakes_the_loop_blocked_in_io_uring_enter() -> None:
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
+async def test_another_loop_made_and_closed_leaves_the_signals_to_this_one() -> None:
+    """asyncio's proactor loop takes the process's wake-up descriptor when made and clears
+    it when closed: a loop made and closed beside this one must not silence its signals."""
+    loop = _loop()
+    arrived = asyncio.Event()
+    loop.add_signal_handler(signal.SIGUSR1, arrived.set)
+    try:
+        iocp_echo.new_event_loop().close()
+        kept = iocp_echo.new_event_loop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await asyncio.wait_for(arrived.wait(), 5)
+        kept.close()
+        arrived.clear()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await asyncio.wait_for(arrived.wait(), 5)
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
+
+
 async def test_signal_handler_replaced_and_removed() -> None:
     loop = _loop()
     calls: list[str] = []

@@ -25,7 +25,7 @@ from . import pipes
 from .children import ChildWatcher, make_subprocess_transport
 from .proactor import UringProactor
 from .readiness import EVENT_READ, EVENT_WRITE, FdWatcher, fileobj_to_fd
-from .signals import SignalHandlers
+from .signals import SignalHandlers, current_wakeup_fd, restore_wakeup_fd
 from .unix import CLEANUP_DEFAULT, UnixSockets
 
 __all__ = ["UringEventLoop"]
@@ -58,12 +58,14 @@ class UringEventLoop(EngineTransports, proactor_events.BaseProactorEventLoop):
         #: transport reads and writes (a second reader would steal its data).
         self._fd_transports: weakref.WeakValueDictionary[int, asyncio.BaseTransport]
         self._fd_transports = weakref.WeakValueDictionary()
+        previous = current_wakeup_fd()
         try:
             super().__init__(proactor)
         except BaseException:
             self._closed = True
             proactor.close()
             raise
+        restore_wakeup_fd(previous, self._csock.fileno())  # type: ignore[attr-defined]
 
     def close(self) -> None:
         if self.is_running():
@@ -72,7 +74,10 @@ class UringEventLoop(EngineTransports, proactor_events.BaseProactorEventLoop):
             return
         self._children.close()
         self._readiness.close()
+        previous = current_wakeup_fd()
+        own = self._csock.fileno()  # type: ignore[attr-defined]
         super().close()
+        restore_wakeup_fd(previous, own)
         self._signals.close()
 
     if hasattr(asyncio.BaseEventLoop, "_run_forever_setup"):  # 3.13+

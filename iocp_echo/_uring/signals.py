@@ -12,6 +12,13 @@ self-pipe's write end the wake-up descriptor (main thread only) and reads it; he
 it reads are taken as signal numbers and each registered handler is queued on the loop.  The
 zero bytes ``call_soon_threadsafe`` writes to wake the loop are not signals and are skipped.
 
+The wake-up descriptor is one per process.  ``BaseProactorEventLoop`` takes it for every loop
+it makes in the main thread and gives it up (to none) when any such loop closes; a loop made
+and closed beside a running one would so silence the running loop's signals.  Here, as on
+asyncio's Unix loop, it belongs to the loop that last added a signal handler: a new loop does
+not take it from another, and a closing loop gives back one that is not its own
+(:func:`current_wakeup_fd`, :func:`restore_wakeup_fd`).
+
 A handled signal's Python-level handler is a no-op: the work is done on the loop, in order,
 where it may touch the application's state.  Removing the last handler of a signal restores
 the default disposition (``default_int_handler`` for SIGINT, as Python starts with), and a
@@ -25,12 +32,13 @@ import errno
 import inspect
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-__all__ = ["SignalHandlers"]
+__all__ = ["SignalHandlers", "current_wakeup_fd", "restore_wakeup_fd"]
 
 
 def _noop(signum: int, frame: FrameType | None) -> None:
@@ -121,6 +129,24 @@ class SignalHandlers:
             return
         for sig in list(self._handlers):
             self.remove(sig)
+
+
+def current_wakeup_fd() -> int | None:
+    """The process's signal wake-up descriptor (-1: none), or None outside the main thread,
+    where it cannot be set.  (Python has no getter: it is swapped out and back, two calls in
+    which a signal would find none.)"""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    current = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(current)
+    return current
+
+
+def restore_wakeup_fd(previous: int | None, own: int) -> None:
+    """After asyncio took or cleared the wake-up descriptor: give back *previous* if it was
+    another's (another loop's, another library's)."""
+    if previous is not None and previous not in (-1, own):
+        signal.set_wakeup_fd(previous)
 
 
 def _check_signal(sig: object) -> None:
