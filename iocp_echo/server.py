@@ -31,6 +31,7 @@ from ._accepting import ACCEPTS_IN_FLIGHT as ACCEPTS_IN_FLIGHT
 from ._accepting import Accepting, Connection
 from ._logflood import LogLimiter
 from ._server_stats import Reporting, ServerStats
+from ._sweeping import Sweeping
 from ._transport import DEFAULT_WRITE_HIGH_WATER
 from .listeners import format_address, open_listeners, validate_port, validate_positive
 from .protocol import DEFAULT_MAX_READ, EchoProtocol
@@ -45,9 +46,6 @@ DEFAULT_BACKLOG = 1024
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 #: How long wait_closed() waits for cancelled operations' completion packets.
 _DRAIN_TIMEOUT = 5.0
-#: The sweep's period: idle connections are closed at most this late, and quiet ones give
-#: their read buffer back after QUIET_AFTER plus at most this.
-SWEEP_INTERVAL = 1.0
 
 
 async def serve(
@@ -152,7 +150,7 @@ async def serve_echo(
     )
 
 
-class EchoServer(Accepting, Reporting):
+class EchoServer(Accepting, Reporting, Sweeping):
     """A running server.  Use ``async with`` or call :meth:`close` and :meth:`wait_closed`."""
 
     def __init__(
@@ -327,50 +325,15 @@ class EchoServer(Accepting, Reporting):
         except BaseException:
             self.close()
             raise
-        self._sweep_handle = self._loop.call_later(self._sweep_interval(), self._sweep)
+        self._start_sweeping()
         logger.info("serving on %s with %s", format_address(self._local), self.engine_name)
-
-    # -- the sweep --------------------------------------------------------------------------
-
-    def _sweep_interval(self) -> float:
-        if self._idle_timeout is None:
-            return SWEEP_INTERVAL
-        return min(SWEEP_INTERVAL, self._idle_timeout / 4)
-
-    def _sweep(self) -> None:
-        """Once per interval for the whole server: idle connections are closed, quiet ones
-        give their read buffers back, rate-limited log lines are summarised.  One timer, not
-        one per connection."""
-        self._sweep_handle = None
-        if self._closing:
-            return
-        self._log.flush()
-        now = time.monotonic()
-        if self._engine is not None:
-            self._engine.sweep(now)
-        timeout = self._idle_timeout
-        if timeout is not None:
-            for connection in list(self._connections):
-                last = connection.note_activity(now)
-                if now - last >= timeout:
-                    self._log.log(
-                        "idle connection closed",
-                        logging.INFO,
-                        "closing connection from %s: no traffic for %.1f s (idle_timeout)",
-                        format_address(connection.peer),
-                        now - last,
-                    )
-                    connection.abort()
-        self._sweep_handle = self._loop.call_later(self._sweep_interval(), self._sweep)
 
     # -- closing ----------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
         try:
             self._stop_accepting()  # done by close() already, unless it was interrupted
-            if self._sweep_handle is not None:
-                self._sweep_handle.cancel()
-                self._sweep_handle = None
+            self._stop_sweeping()
             await asyncio.gather(*self._accept_tasks, return_exceptions=True)
             for task in list(self._setup_tasks):
                 task.cancel()
