@@ -8,6 +8,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] != ["run"]:
         sys.exit(
             "usage: python -m benchmarks run [--quick] [--repeats N] [--only NAMES] "
-            "[--platform wine|linux] [--modes echo,churn,idle,calls] [--out DIR]"
+            "[--platform wine|linux] [--modes echo,churn,idle,calls,streams,protocol,client] "
+            "[--out DIR]"
         )
     sys.exit(main(sys.argv[2:]))

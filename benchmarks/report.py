@@ -2,7 +2,10 @@
 its peers measured in the same run, in this order: the plan and machine; which engine
 iocp_echo ran; headline ratios; Python calls per echo; memory per idle connection; every
 figure per platform (the measuring sticks labelled as such); all ratios; and the proof that
-the load generator was not the bottleneck."""
+the load generator was not the bottleneck.  Then a user's own programs on each event loop
+(streams and Protocol echo servers, ping-pong clients) with their ratios to the platform's
+stock loop, the goals, and the proof that neither the load generator nor the fixed server
+set those figures."""
 
 from __future__ import annotations
 
@@ -65,6 +68,26 @@ IDLE_GOALS = {"wine": (5000, 4.0), "linux": (10000, 2.0)}
 #: Goal for iocp_echo's resident memory per busy connection (1,000 echoing 1 KiB), KiB.
 BUSY_GOAL = (1000, 16.0)
 HEADLINE = ((1024, 20), (1024, 1000))
+#: The loop rows (``run.LOOP_MODES``), in report order, with what each measures.
+LOOP_MODES = {
+    "streams": "Streams echo server: `asyncio.start_server`, `read`, `write`, `drain`",
+    "protocol": "Protocol echo server: `loop.create_server` with a plain `asyncio.Protocol`",
+    "client": "Ping-pong clients: `asyncio.open_connection`, `write`, `drain`, `readexactly`, "
+    "against Go's native echo",
+}
+#: Go's native echo at the loop points, driven by the load generator (``run.CEILING``).
+CEILING = "ceiling"
+#: Each platform's stock loop: the loop rows' ratios are taken against it.
+BASELINE = {"wine": "asyncio-proactor", "linux": "asyncio-selector"}
+#: The loops each platform's loop rows should have (a missing one is named in the report).
+LOOPS = {
+    "wine": ("iocp_echo", "asyncio-proactor", "winloop"),
+    "linux": ("iocp_echo", "asyncio-selector", "uvloop", "rloop", "uringcore"),
+}
+#: Issue 14's goals for iocp_echo's loop: at least this ratio to the stock loop, at every
+#: point measured.
+LOOP_GOALS = {("streams", "linux"): 1.0, ("streams", "wine"): 1.3, ("protocol", "linux"): 1.0}
+LOOP_GOALS[("client", "linux")] = 1.0
 
 
 def role(record: dict[str, Any]) -> str:
@@ -123,7 +146,8 @@ def _order(record: dict[str, Any]) -> tuple[int, int]:
 
 def markdown(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:
     scaling = [r for r in records if r["mode"] == "workers"]
-    records = [r for r in records if r["mode"] != "workers"]
+    loops = [r for r in records if r["mode"] in LOOP_MODES or r["mode"] == CEILING]
+    records = [r for r in records if r not in scaling and r not in loops]
     lines = header(records, machine)
     lines += startup(records)
     lines += headline(records)
@@ -136,6 +160,7 @@ def markdown(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:
         lines += ratio_table(records, platform_name, where)
     lines += headroom(records)
     lines += workers_table(scaling, machine)
+    lines += loop_section(loops, machine)
     return "\n".join(lines) + "\n"
 
 
@@ -543,3 +568,208 @@ def workers_table(records: list[dict[str, Any]], machine: dict[str, Any]) -> lis
             f"| {_fmt(gain, 2) + '×' if gain else '–'} | {_fmt(r.get('repeats'))} |"
         )
     return [*lines, ""]
+
+
+# -- a user's own programs on each loop ----------------------------------------------------
+
+
+def loop_ratio(records: list[dict[str, Any]], record: dict[str, Any]) -> float | None:
+    """*record*'s rate ÷ the stock loop's (same platform, mode and point), or None."""
+    base = _find(
+        records,
+        BASELINE[record["platform"]],
+        record["platform"],
+        record["mode"],
+        (record["msg_size"], record["concurrency"]),
+    )
+    return stats.ratio(record.get("rps"), base.get("rps") if base else None)
+
+
+def loop_goal(records: list[dict[str, Any]], mode: str, platform_name: str) -> str:
+    """iocp_echo's loop against issue 14's goal for *mode* on *platform_name*: met only if
+    met at every point measured, judged at the precision shown (two decimals); "" where
+    there is no goal or no figure."""
+    goal = LOOP_GOALS.get((mode, platform_name))
+    ours = sorted(
+        (
+            r
+            for r in records
+            if r["server"] == "iocp_echo" and r["platform"] == platform_name and r["mode"] == mode
+        ),
+        key=lambda r: (r["msg_size"], r["concurrency"]),
+    )
+    ratios = [(r, loop_ratio(records, r)) for r in ours]
+    judged = [(r, value) for r, value in ratios if value is not None]
+    if goal is None or not judged:
+        return ""
+    short = [
+        f"{_size(r['msg_size'])} × {_fmt(r['concurrency'])}: {value:.2f}×"
+        for r, value in judged
+        if round(value, 2) < goal
+    ]
+    if short:
+        return f"missed (≥ {goal:.1f}×) at {'; '.join(short)}"
+    return f"met (≥ {goal:.1f}×) at {len(judged)} of {len(judged)} point(s)"
+
+
+def loop_section(records: list[dict[str, Any]], machine: dict[str, Any]) -> list[str]:
+    """The loop rows: per mode and platform, every loop's rate, its ratio to the stock
+    loop and its p99 at each point; the goals; the headroom of what drives them."""
+    if not any(r["mode"] in LOOP_MODES for r in records):
+        return []
+    versions = machine.get("loops") or {}
+    lines = [
+        "## A user's own servers and clients on each event loop",
+        "",
+        "The same small programs (`benchmarks/servers/asyncio_echo.py`, "
+        "`benchmarks/servers/pingpong.py`) run on each loop: natively the stock selector "
+        "loop, uvloop, rloop, uringcore and iocp_echo's loop (`iocp_echo.new_event_loop()`); "
+        "under Wine the stock `ProactorEventLoop`, winloop and iocp_echo's loop. The servers "
+        "are measured as every echo server here (same throwaway session, warm-up and load "
+        "generator); each client program runs its own throwaway session, opens its "
+        "connections, warms up with a fifth of its round trips, then makes a fixed number of "
+        "round trips (the same for every loop) against Go's native echo, one in flight per "
+        "connection, pinned where the servers run while the Go server runs on the load "
+        "generator's core. Ratios are to the platform's stock loop measured in the same run "
+        "(> 1: faster). The loop each program really ran is in the JSON records "
+        "(`server_log`)."
+        + (
+            " Loop versions: " + ", ".join(f"{n} {v}" for n, v in sorted(versions.items())) + "."
+            if versions
+            else ""
+        ),
+        "",
+    ]
+    lines += loop_goals_table(records)
+    for mode, title in LOOP_MODES.items():
+        for platform_name, _, where in PLATFORMS:
+            lines += loop_table(records, mode, platform_name, f"{title}, {where}")
+    lines += loop_headroom(records)
+    return lines
+
+
+def loop_goals_table(records: list[dict[str, Any]]) -> list[str]:
+    rows = []
+    for (mode, platform_name), goal in LOOP_GOALS.items():
+        verdict = loop_goal(records, mode, platform_name)
+        if verdict:
+            where = next(w for name, _, w in PLATFORMS if name == platform_name)
+            rows.append(
+                f"| {mode} | {where} | ≥ {goal:.1f}× {BASELINE[platform_name]} | {verdict} |"
+            )
+    if not rows:
+        return []
+    return [
+        "Issue 14's goals for iocp_echo's loop, judged at every point measured:",
+        "",
+        "| programs | where | goal | measured |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def loop_table(
+    records: list[dict[str, Any]], mode: str, platform_name: str, title: str
+) -> list[str]:
+    group = [r for r in records if r["mode"] == mode and r["platform"] == platform_name]
+    if not group:
+        return []
+    points = sorted({(r["msg_size"], r["concurrency"]) for r in group})
+    base = BASELINE[platform_name]
+    unit = "round trips/s" if mode == "client" else "req/s"
+    heads = []
+    for size, conns in points:
+        at = f"{_size(size)} × {_fmt(conns)}"
+        heads += [f"{at} {unit}", f"÷ {base}", "p99 µs"]
+    order = list(LOOPS[platform_name])
+    names = sorted(
+        {r["server"] for r in group},
+        key=lambda n: (n not in order, order.index(n) if n in order else 0, n),
+    )
+    lines = [
+        f"### {title}",
+        "",
+        "| loop | " + " | ".join(heads) + " | runs |",
+        "|---|" + "---:|" * len(heads) + "---:|",
+    ]
+    for name in names:
+        cells = []
+        runs = 1
+        for point in points:
+            r = _find(group, name, platform_name, mode, point)
+            if r is None:
+                cells += ["–", "–", "–"]
+                continue
+            runs = max(runs, int(r.get("repeats") or 1))
+            rate = _fmt(r.get("rps"))
+            if r.get("failures"):
+                rate += f" ({_fmt(r['failures'])} failed)"
+            value = loop_ratio(group, r)
+            cells += [
+                rate,
+                f"{_fmt(value, 2)}×" if value is not None else "–",
+                _fmt(r.get("p99_us")),
+            ]
+        shown = f"**{name}**" if name == "iocp_echo" else name
+        lines.append(f"| {shown} | " + " | ".join(cells) + f" | {runs} |")
+    missing = [name for name in LOOPS[platform_name] if name not in names]
+    ran: dict[str, str] = {}
+    for r in group:  # the class each program printed on start (its READY or LOOP line)
+        for line in r.get("server_log") or []:
+            words = line.split()
+            if len(words) > 1 and words[0] in ("READY", "LOOP") and "." in words[1]:
+                ran.setdefault(r["server"], words[1])
+    lines.append("")
+    if ran:
+        lines += [
+            "Loop classes that ran: "
+            + ", ".join(f"{name} `{ran[name]}`" for name in names if name in ran)
+            + ".",
+            "",
+        ]
+    if missing:
+        lines += [
+            f"Not measured here in this run: {', '.join(missing)} (see the failures at the top).",
+            "",
+        ]
+    return lines
+
+
+def loop_headroom(records: list[dict[str, Any]]) -> list[str]:
+    """Whether the load generator (server rows) or the fixed Go server (client rows) set the
+    pace of the loop rows rather than the loop measured."""
+    ceilings = {(r["msg_size"], r["concurrency"]): r for r in records if r["mode"] == CEILING}
+    lines = [
+        "### Is the load generator or the fixed server the bottleneck? (loop rows)",
+        "",
+        "*Servers:* the load generator drives Go's native echo at the loop points in the "
+        "same run (second column); headroom is that rate ÷ the fastest loop's, and the "
+        "client's cores are the most it used for any loop's server. *Clients:* the Go "
+        "server they talk to is that same Go echo, so its rate is what it can serve; its "
+        "cores are the most it used while any Python client measured (a fixed server "
+        "far below a core, and far below its own rate, is not what limits a client).",
+        "",
+        "| programs | where | size | conns | Go native req/s | fastest loop | headroom "
+        "| most cores (load generator or Go server) |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
+    ]
+    rows = 0
+    for mode in LOOP_MODES:
+        for platform_name, _, where in PLATFORMS:
+            group = [r for r in records if r["mode"] == mode and r["platform"] == platform_name]
+            for point in sorted({(r["msg_size"], r["concurrency"]) for r in group}):
+                here = [r for r in group if (r["msg_size"], r["concurrency"]) == point]
+                best = max(here, key=lambda r: r.get("rps") or 0)
+                go = ceilings.get(point)
+                key = "server_cpu" if mode == "client" else "client_cpu"
+                cores = max((r.get(key) or 0 for r in here), default=None)
+                lines.append(
+                    f"| {mode} | {where} | {point[0]} | {point[1]} "
+                    f"| {_fmt(go.get('rps') if go else None)} "
+                    f"| {_fmt(best.get('rps'))} ({best['server']}) "
+                    f"| {_fmt(stats.ratio(go.get('rps'), best.get('rps')) if go else None, 1)}× "
+                    f"| {_fmt(cores, 2)} |"
+                )
+                rows += 1
+    return [*lines, ""] if rows else []

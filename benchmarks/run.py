@@ -31,6 +31,7 @@ anywhere: both leave the committed full results alone).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -64,7 +65,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CEILINGS = ROOT.parent / "shared" / "reference" / "ceilings"
 CALLCOUNT = "benchmarks/servers/callcount.py"
 SERVER_CPU, CLIENT_CPU = {1}, {0}
-ALL_MODES = frozenset({"echo", "churn", "idle", "calls"})
+#: The echo server's modes (iocp_echo's serve_echo and its peers).
+ECHO_MODES = frozenset({"echo", "churn", "idle", "calls"})
+#: A user's own programs on each event loop (issue 14): the streams echo server
+#: (``start_server``), the Protocol echo server (``create_server``), and ping-pong clients
+#: (``open_connection``) against a fixed server, Go's native echo.
+LOOP_MODES = frozenset({"streams", "protocol", "client"})
+ALL_MODES = ECHO_MODES | LOOP_MODES
+#: Go's native echo driven by the load generator at the loop points: the rate the load
+#: generator can drive and the fixed server can serve, measured whenever a loop mode runs.
+CEILING = "ceiling"
 #: Modes run only when asked for (``--modes workers``): not part of the default plan.
 EXTRA_MODES = frozenset({"workers"})
 #: The workers run: iocp_echo with 1 and with 2 worker processes at these points, server and
@@ -87,6 +97,7 @@ NUMERIC = (
     "rss_kib_per_conn",
     "client_cpu",
     "failures",
+    "server_cpu",
 )
 
 
@@ -97,11 +108,14 @@ class Server:
     platform: str  # "wine" or "linux": servers are compared within one platform only
     command: tuple[str, ...]  # "{port}" is replaced; see _argv for how each kind starts
     role: str = "peer"  # "ours", "peer" or "stick" (a measuring stick, not a peer)
-    modes: frozenset[str] = ALL_MODES
+    modes: frozenset[str] = ECHO_MODES
     #: The echo points it serves (None: all of the plan's).
     points: frozenset[Point] | None = None
     #: False for the sticks, which have no shutdown: they are killed.
     graceful: bool = True
+    #: For the programs of ``servers/asyncio_echo.py`` and ``servers/pingpong.py``: the
+    #: ``loopchoice.py`` name of the loop they run on (None for the others).
+    loop: str | None = None
 
     @property
     def python(self) -> bool:
@@ -112,7 +126,7 @@ class Server:
 def servers(ceilings: Path = CEILINGS) -> list[Server]:
     site = winpy.to_windows_path(WINE_SITE)
     asyncio_echo = "benchmarks/servers/asyncio_echo.py"
-    no_calls = ALL_MODES - {"calls"}
+    no_calls = ECHO_MODES - {"calls"}
     # iocp_echo logs at INFO so that its start-up lines (which engine it runs) are captured;
     # it logs nothing at INFO per connection or per request.
     listed = [
@@ -140,6 +154,7 @@ def servers(ceilings: Path = CEILINGS) -> list[Server]:
             "wine-3.13",
             "wine",
             ("py", asyncio_echo, "--port", "{port}", "--loop", "winloop", "--site", site),
+            loop="winloop",
         ),
         Server(
             "go",
@@ -161,21 +176,80 @@ def servers(ceilings: Path = CEILINGS) -> list[Server]:
             "linux",
             ("native-py", asyncio_echo, "--port", "{port}"),
         ),
-        Server(
-            "uvloop",
-            "linux-3.13",
-            "linux",
-            ("native-py", asyncio_echo, "--port", "{port}", "--loop", "uvloop"),
+        *(
+            Server(
+                name,
+                "linux-3.13",
+                "linux",
+                ("native-py", asyncio_echo, "--port", "{port}", "--loop", name),
+                loop=name,
+            )
+            for name in ("uvloop", *NATIVE_LOOPS)
         ),
-        Server(
-            "go",
-            "linux-go",
-            "linux",
-            ("native", str(BIN / "goecho"), "-addr", "127.0.0.1:{port}"),
-            modes=no_calls,
-        ),
+        go_native(),
     ]
-    return listed + sticks(ceilings)
+    return listed + loop_servers() + sticks(ceilings)
+
+
+def go_native(modes: frozenset[str] = (ECHO_MODES - {"calls"}) | {CEILING}) -> Server:
+    """Go's native echo: a peer of the echo, the fixed server of the client rows, and (in
+    the ceiling mode) what shows the load generator's headroom for the loop rows."""
+    return Server(
+        "go",
+        "linux-go",
+        "linux",
+        ("native", str(BIN / "goecho"), "-addr", "127.0.0.1:{port}"),
+        modes=modes,
+    )
+
+
+#: The Rust loops measured natively beside uvloop (issue 14): pip requirement, installed
+#: into the bench venv on their own (``provision_loops``) so that one that fails to install
+#: costs only its own rows.
+NATIVE_LOOPS = {"rloop": "rloop==0.5.0", "uringcore": "uringcore==0.9.1"}
+#: Each platform's loops for the loop rows, as (row name, ``loopchoice.py`` name, role);
+#: the first peer is the baseline the ratios are taken against.
+LOOPS = {
+    "wine": (
+        ("iocp_echo", "iocp_echo", "ours"),
+        ("asyncio-proactor", "default", "peer"),
+        ("winloop", "winloop", "peer"),
+    ),
+    "linux": (
+        ("iocp_echo", "iocp_echo", "ours"),
+        ("asyncio-selector", "default", "peer"),
+        ("uvloop", "uvloop", "peer"),
+        ("rloop", "rloop", "peer"),
+        ("uringcore", "uringcore", "peer"),
+    ),
+}
+
+
+def loop_servers() -> list[Server]:
+    """One entry per loop and platform for the loop rows.  Its command starts the Protocol
+    echo on that loop; the streams echo adds ``--streams``, and the client rows run
+    ``servers/pingpong.py`` on the same loop (see :func:`loop_command`)."""
+    return [
+        Server(
+            name,
+            "wine-3.13" if where == "wine" else "linux-3.13",
+            where,
+            (*loop_command(where, "benchmarks/servers/asyncio_echo.py", loop), "--port", "{port}"),
+            role=role,
+            modes=LOOP_MODES,
+            loop=loop,
+        )
+        for where, loops in LOOPS.items()
+        for name, loop, role in loops
+    ]
+
+
+def loop_command(where: str, script: str, loop: str) -> tuple[str, ...]:
+    """A Python program of ``servers/`` on *loop* (winloop under Wine needs its folder)."""
+    command: tuple[str, ...] = ("py" if where == "wine" else "native-py", script, "--loop", loop)
+    if loop == "winloop":
+        command += ("--site", winpy.to_windows_path(WINE_SITE))
+    return command
 
 
 #: The points the bare loops are asked to serve: the headline 1 KiB points and 64 KiB x 20.
@@ -276,6 +350,45 @@ def provision() -> None:
     check.ensure_venv("3.13", report.bench_requirements("linux"), name="bench")
 
 
+def provision_loops() -> dict[str, str]:
+    """rloop and uringcore in the bench venv, each on its own (kept there once installed:
+    the venv is remade, without them, only when the ``bench`` extra changes).  Returns the
+    loops that cannot be used, with why: their rows are left out of the run, which goes on.
+    """
+    python = str(VENV / "bin" / "python")
+    unusable = {}
+    for name, requirement in NATIVE_LOOPS.items():
+        probe = [python, "-c", f"import {name}"]
+        if subprocess.run(probe, capture_output=True).returncode == 0:
+            continue
+        say(f"installing {requirement} into {VENV.relative_to(ROOT)}")
+        install = subprocess.run(
+            [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", requirement],
+            capture_output=True,
+            text=True,
+        )
+        imported = subprocess.run(probe, capture_output=True, text=True)
+        if imported.returncode != 0:
+            said = (install.stderr or imported.stderr).strip().splitlines()
+            unusable[name] = f"{requirement} unusable: {said[-1] if said else 'no output'}"
+    return unusable
+
+
+def loop_versions() -> dict[str, str]:
+    """Installed versions of the native loop packages, for machine.json."""
+    names = ["uvloop", *NATIVE_LOOPS]
+    script = (
+        "import importlib.metadata as m\n"
+        f"for n in {names!r}:\n"
+        "    try: print(n, m.version(n))\n"
+        "    except m.PackageNotFoundError: pass\n"
+    )
+    out = subprocess.run(
+        [str(VENV / "bin" / "python"), "-c", script], capture_output=True, text=True
+    ).stdout
+    return dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+
+
 # -- running servers ---------------------------------------------------------------------
 
 
@@ -350,12 +463,13 @@ def _rss_kib(pid: int) -> int:
 
 
 class Lines:
-    """A child's output read on a thread: the first *keep* lines kept, every line counted,
-    and (with *follow*) each line handed to :meth:`next`.  Draining the pipe matters: a
-    server that logs more than a pipe holds would otherwise block."""
+    """A child's output read on a thread: the first and the last *keep* lines kept, every
+    line counted, and (with *follow*) each line handed to :meth:`next`.  Draining the pipe
+    matters: a server that logs more than a pipe holds would otherwise block."""
 
     def __init__(self, stream: IO[bytes], keep: int = 0, follow: bool = False) -> None:
         self.head: list[str] = []
+        self.tail: collections.deque[str] = collections.deque(maxlen=keep)
         self.count = 0
         self._keep, self._follow = keep, follow
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -368,6 +482,7 @@ class Lines:
             self.count += 1
             if len(self.head) < self._keep:
                 self.head.append(line[:200])
+            self.tail.append(line[:300])
             if self._follow:
                 self._queue.put(line)
         self._queue.put(None)
@@ -503,8 +618,14 @@ def _ready_count(line: str | None) -> int:
     return int(line.split()[1])
 
 
+class ThrowawayFailed(RuntimeError):
+    """A server that failed every connection of its throwaway session (or answered nothing):
+    it is not measured further, in this round or later ones."""
+
+
 def throwaway(running: Running, plan: Plan) -> None:
-    """The same first session for every server: connect, echo, disconnect."""
+    """The same first session for every server: connect, echo, disconnect.  Raises
+    :class:`ThrowawayFailed` if every connection failed or nothing was answered."""
     raw = loadgen(
         running.port,
         "-mode",
@@ -520,6 +641,13 @@ def throwaway(running: Running, plan: Plan) -> None:
     )
     if raw["failures"]:
         say(f"{running.server.name}: {raw['failures']} failure(s) in the throwaway session")
+    if not raw["requests"] or raw["failures"] >= THROWAWAY_CONNS:
+        time.sleep(SETTLE)  # the server's last words
+        raise ThrowawayFailed(
+            f"failed its throwaway session ({raw['requests']} requests answered, "
+            f"{raw['failures']} failures on {THROWAWAY_CONNS} connections); "
+            f"it said: {_said(running.stderr.tail)}"
+        )
 
 
 def measure_echo(running: Running, plan: Plan, size: int, conns: int) -> dict[str, Any]:
@@ -679,6 +807,13 @@ class Plan:
     calls_conns: int
     calls_requests: int  # per connection
     throwaway: float  # seconds of the throwaway first session
+    #: The points of the loop rows (streams, protocol, client): all in the first round, those
+    #: among ``headline`` in every round.
+    loop_points: list[Point]
+    #: Round trips each client point makes in all, per platform, for messages up to 8 KiB
+    #: (fewer for larger ones: see :func:`client_requests`).  A fixed count, the same for
+    #: every loop.
+    client_requests: dict[str, int]
 
 
 QUICK = Plan(
@@ -693,6 +828,8 @@ QUICK = Plan(
     calls_conns=20,
     calls_requests=100,
     throwaway=1.0,
+    loop_points=[(1024, 20)],
+    client_requests={"linux": 20000, "wine": 4000},
 )
 FULL = Plan(
     sizes=[64, 1024, 16384, 65536],
@@ -706,6 +843,8 @@ FULL = Plan(
     calls_conns=20,
     calls_requests=500,
     throwaway=1.0,
+    loop_points=[(1024, 20), (1024, 1000), (65536, 20)],
+    client_requests={"linux": 80000, "wine": 16000},
 )
 
 
@@ -716,15 +855,41 @@ def echo_points(server: Server, plan: Plan, first_round: bool) -> list[Point]:
     return [p for p in chosen if server.points is None or p in server.points]
 
 
+def loop_points(plan: Plan, first_round: bool) -> list[Point]:
+    """The loop rows' points in a round, in the plan's order."""
+    return [p for p in plan.loop_points if first_round or p in plan.headline]
+
+
+def client_requests(plan: Plan, platform_name: str, size: int, conns: int) -> int:
+    """Round trips a client point makes in all: the plan's count up to 8 KiB messages, a
+    proportional share above (64 KiB: an eighth), at least one per connection."""
+    return max(conns, plan.client_requests[platform_name] * 8192 // max(size, 8192))
+
+
 def _line(server: Server, what: str) -> str:
     return f"{server.name:<27} {server.runtime:<10} {what}"
 
 
 def run_server(
-    server: Server, plan: Plan, modes: Iterable[str], first_round: bool
+    server: Server,
+    plan: Plan,
+    modes: Iterable[str],
+    first_round: bool,
+    errors: list[str] | None = None,
+    broken: set[tuple[str, str, str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One server's share of one round."""
+    """One server's share of one round (a loop's rows: :func:`run_loop`, whose failures go
+    to *errors* and *broken*)."""
     modes = set(modes) & server.modes
+    if server.modes <= LOOP_MODES:
+        return run_loop(
+            server,
+            plan,
+            modes,
+            first_round,
+            [] if errors is None else errors,
+            set() if broken is None else broken,
+        )
     records: list[dict[str, Any]] = []
     base = {
         "server": server.name,
@@ -732,6 +897,11 @@ def run_server(
         "platform": server.platform,
         "role": server.role,
     }
+    # The throughput session first: a server that fails its throwaway session
+    # (ThrowawayFailed) costs no idle or calls session either.
+    points = echo_points(server, plan, first_round) if "echo" in modes else []
+    if points or modes & {"churn", CEILING}:
+        records += echo_session(server, plan, modes, points, first_round, base)
     idle_counts = plan.idle_counts.get(server.platform, []) if "idle" in modes else []
     for count in idle_counts if first_round else []:
         # A fresh server each time: one that already served a load would reuse freed memory
@@ -759,9 +929,19 @@ def run_server(
                 f"{record['c_calls_per_echo']:.1f} C ({record['echoes']} echoes)",
             )
         )
-    points = echo_points(server, plan, first_round) if "echo" in modes else []
-    if not points and "churn" not in modes:
-        return records
+    return records
+
+
+def echo_session(
+    server: Server,
+    plan: Plan,
+    modes: set[str],
+    points: list[Point],
+    first_round: bool,
+    base: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """One server session: the throwaway session, the echo points, the ceiling points (Go's
+    native echo), churn."""
     running = Running(server)
     session: list[dict[str, Any]] = []
     log: dict[str, Any] = {}
@@ -777,6 +957,11 @@ def run_server(
                 )
             )
             session.append(record)
+        for size, conns in loop_points(plan, first_round) if CEILING in modes else []:
+            record = base | measure_echo(running, plan, size, conns) | {"mode": CEILING}
+            record["role"] = "reference"
+            say(_line(server, f"ceiling {size:>6} B x {conns:>4}: {record['rps']:>9.0f} req/s"))
+            session.append(record)
         if "churn" in modes:
             record = base | measure_churn(running, plan)
             say(_line(server, f"churn: {record['rps']:.0f} conn/s"))
@@ -784,7 +969,159 @@ def run_server(
         log = running.log()
     finally:
         running.stop()
-    return records + [record | log for record in session]
+    return [record | log for record in session]
+
+
+def run_loop(
+    server: Server,
+    plan: Plan,
+    modes: set[str],
+    first_round: bool,
+    errors: list[str],
+    broken: set[tuple[str, str, str]],
+) -> list[dict[str, Any]]:
+    """One loop's rows in one round, each mode in a session of its own: a loop that breaks
+    in one mode (its error and the failed requests go to *errors*) keeps the others, and
+    that mode is not tried again in later rounds (it is added to *broken*)."""
+    base = {
+        "server": server.name,
+        "runtime": server.runtime,
+        "platform": server.platform,
+        "role": server.role,
+        "loop": server.loop,
+    }
+    points = loop_points(plan, first_round)
+    records: list[dict[str, Any]] = []
+    for mode in ("protocol", "streams", "client"):
+        if mode not in modes or (server.name, server.runtime, mode) in broken:
+            continue
+        what = f"{server.name} ({server.runtime}) {mode}"
+        try:
+            if mode == "client":
+                session, said = measure_clients(server, plan, points)
+            else:
+                session, said = serve_on_loop(server, plan, mode, points)
+        except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+            say(f"FAILED {what}: {exc}")
+            errors.append(f"{what}: {exc}")
+            broken.add((server.name, server.runtime, mode))
+            continue
+        failed = [r for r in session if r.get("failures")]
+        if failed:
+            where = ", ".join(
+                f"{r['failures']} at {r['msg_size']} B x {r['concurrency']}" for r in failed
+            )
+            errors.append(f"{what}: failed requests or connections ({where}); it said: {said}")
+            broken.add((server.name, server.runtime, mode))
+        records += [base | r for r in session]
+    return records
+
+
+def _said(lines: Iterable[str]) -> str:
+    """A program's last lines, for an error message (Wine's fixme noise left out)."""
+    kept = [line for line in lines if line and ":fixme:" not in line and line[:6] != "fixme:"]
+    return " / ".join(kept[-3:]) or "(nothing)"
+
+
+def serve_on_loop(
+    server: Server, plan: Plan, mode: str, points: list[Point]
+) -> tuple[list[dict[str, Any]], str]:
+    """The Protocol or streams echo on the server's loop, measured as every echo server is
+    (the same throwaway session, warm-up and load generator).  Returns the records and the
+    server's last lines."""
+    command = server.command + (("--streams",) if mode == "streams" else ())
+    running = Running(dataclasses.replace(server, command=command))
+    session = []
+    try:
+        throwaway(running, plan)
+        for size, conns in points:
+            record = measure_echo(running, plan, size, conns) | {"mode": mode}
+            say(
+                _line(
+                    server,
+                    f"{mode} {size:>6} B x {conns:>4}: {record['rps']:>9.0f} req/s "
+                    f"p99 {record['p99_us']} us (client {record['client_cpu']:.2f} cores)",
+                )
+            )
+            session.append(record)
+        log = running.log()
+    finally:
+        running.stop()
+    return [r | log for r in session], _said(running.stderr.tail)
+
+
+def measure_clients(
+    server: Server, plan: Plan, points: list[Point]
+) -> tuple[list[dict[str, Any]], str]:
+    """``servers/pingpong.py`` on the server's loop, pinned where the servers run, against
+    Go's native echo pinned to the load generator's core: round trips/s of the Python
+    client, and the fixed server's CPU over each measuring window (it must stay well below
+    a core for the client, not the server, to set the pace)."""
+    fixed = Running(go_native(), cpus=CLIENT_CPU)
+    command = loop_command(server.platform, "benchmarks/servers/pingpong.py", server.loop or "")
+    command += ("--port", "{port}", "--throwaway", str(plan.throwaway))
+    for size, conns in points:
+        requests = client_requests(plan, server.platform, size, conns)
+        command += ("--point", str(size), str(conns), str(requests))
+    argv, env = _argv(dataclasses.replace(server, command=command), fixed.port)
+    client = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=_prepare(SERVER_CPU),
+    )
+    assert client.stdout is not None and client.stderr is not None
+    results = Lines(client.stdout, follow=True)
+    messages = Lines(client.stderr, keep=8, follow=True)
+    session = []
+    try:
+        for size, conns in points:
+            line = messages.next(timeout=300)  # Wine's start and the throwaway first
+            while line is not None and not line.startswith("MEASURING"):
+                line = messages.next(timeout=300)
+            if line is None:
+                client.wait(15)
+                raise RuntimeError(
+                    f"the client exited with {client.returncode}: {_said(messages.tail)}"
+                )
+            cpu, wall = _cpu_seconds(fixed.process.pid, False, set()), time.monotonic()
+            out = results.next(timeout=600)
+            while out is not None and not out.startswith("{"):
+                out = results.next(timeout=600)
+            if out is None:
+                client.wait(15)
+                raise RuntimeError(
+                    f"the client exited with {client.returncode}: {_said(messages.tail)}"
+                )
+            cpu = _cpu_seconds(fixed.process.pid, False, set()) - cpu
+            wall = time.monotonic() - wall
+            record = {
+                "mode": "client",
+                "msg_size": size,
+                "concurrency": conns,
+                **stats.summarize(json.loads(out)),
+                "server_cpu": cpu / wall if wall > 0 else None,
+                "server_log": [m for m in messages.head if m.startswith("LOOP")],
+            }
+            say(
+                _line(
+                    server,
+                    f"client {size:>6} B x {conns:>4}: {record['rps']:>9.0f} round trips/s "
+                    f"p99 {record['p99_us']} us (Go server {record['server_cpu'] or 0:.2f} "
+                    f"cores)",
+                )
+            )
+            session.append(record)
+        client.wait(60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(15)
+        fixed.stop()
+    return session, _said(messages.tail)
 
 
 def _wine_workers() -> set[int]:
@@ -928,6 +1265,35 @@ def merge_repeats(raw_records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def choose(
+    listed: list[Server],
+    names: set[str] | None,
+    platform_name: str | None,
+    modes: set[str],
+    unusable: dict[str, str],
+) -> tuple[list[Server], list[str]]:
+    """The servers a run measures (by ``--only`` and ``--platform``), and one note for each
+    loop left out because it cannot be used (``provision_loops``).  Whenever a loop mode
+    runs, Go's native echo is measured at the loop points too (the ceiling that shows the
+    load generator's headroom), whatever ``--only`` and ``--platform`` say."""
+    chosen, notes = [], {}
+    for server in listed:
+        if names is not None and server.name not in names:
+            continue
+        if platform_name is not None and server.platform != platform_name:
+            continue
+        if server.loop in unusable:
+            if modes & server.modes:
+                notes[server.loop] = (
+                    f"{server.loop}: {unusable[server.loop]}; its rows are left out of this run"
+                )
+            continue
+        chosen.append(server)
+    if modes & LOOP_MODES and not any(CEILING in server.modes for server in chosen):
+        chosen.append(go_native(frozenset({CEILING})))
+    return chosen, list(notes.values())
+
+
 def keep_unmeasured(
     kept: list[dict[str, Any]], chosen: list[Server], modes: set[str]
 ) -> list[dict[str, Any]]:
@@ -950,7 +1316,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes",
         default=",".join(sorted(ALL_MODES)),
-        help="comma-separated modes to run: echo, churn, idle, calls (default: all four), "
+        help="comma-separated modes to run: echo, churn, idle, calls, streams, protocol, client "
+        "(default: all seven), "
         "and workers (1 vs 2 worker processes, only when named); a partial run (fewer modes, "
         "--only or --platform) replaces only the records it re-measures in the results folder",
     )
@@ -967,16 +1334,12 @@ def main(argv: list[str] | None = None) -> int:
     if modes - ALL_MODES - EXTRA_MODES:
         parser.error(f"unknown mode(s): {', '.join(sorted(modes - ALL_MODES - EXTRA_MODES))}")
     provision()
+    unusable = provision_loops()
     subprocess.run(
         [str(winpy.WINESERVER), "-k"], env=winpy.wine_environment(), capture_output=True
     )  # restart it pinned with the servers
     names = set(options.only.split(",")) if options.only else None
-    chosen = [
-        s
-        for s in servers()
-        if (names is None or s.name in names)
-        and (options.platform is None or s.platform == options.platform)
-    ]
+    chosen, left_out = choose(servers(), names, options.platform, modes, unusable)
     if not chosen and "workers" not in modes:
         parser.error("no server matches --only/--platform")
     worker_platforms = [
@@ -985,18 +1348,31 @@ def main(argv: list[str] | None = None) -> int:
         if "workers" in modes and options.platform in (None, name)
     ]
     partial = modes != ALL_MODES or names is not None or options.platform is not None
+    if modes & LOOP_MODES:
+        modes.add(CEILING)
     started = time.monotonic()
     run_id = time.strftime("%Y-%m-%d %H:%M")
     raw_records: list[dict[str, Any]] = []
-    errors: list[str] = []
+    errors: list[str] = list(left_out)
+    broken: set[tuple[str, str, str]] = set()  # loop rows that failed: not tried again
+    dead: list[Server] = []  # servers that failed their throwaway session: not tried again
+    for note in left_out:
+        say(f"LEFT OUT {note}")
     for repeat in range(plan.repeats):
         order = chosen if repeat % 2 == 0 else list(reversed(chosen))
         for server in order:
+            if server in dead:
+                continue
             try:
-                raw_records.extend(run_server(server, plan, modes, first_round=repeat == 0))
+                failed: list[str] = []
+                raw_records.extend(run_server(server, plan, modes, repeat == 0, failed, broken))
+                errors += [f"{error}, round {repeat + 1}" for error in failed]
             except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
                 # One server that fails must not cost the whole run: the report lists it.
                 error = f"{server.name} ({server.runtime}), round {repeat + 1}: {exc}"
+                if isinstance(exc, ThrowawayFailed):
+                    dead.append(server)
+                    error += " (not tried again)"
                 say(f"FAILED {error}")
                 errors.append(error)
         if worker_platforms:
@@ -1026,6 +1402,7 @@ def main(argv: list[str] | None = None) -> int:
         "plan": dataclasses.asdict(plan),
         "quick": options.quick,
         "ceilings": ceilings_note(),
+        "loops": loop_versions(),
         "minutes": round((time.monotonic() - started) / 60, 1),
         "date": time.strftime("%Y-%m-%d"),
         "run": run_id,

@@ -103,6 +103,8 @@ func dialAll(addr string, n int) []net.Conn {
 	for i := 0; i < n; i++ {
 		conn, err := net.DialTimeout("tcp", addr, 60*time.Second)
 		if err == nil {
+			// A server that accepts but never answers must not hang the run.
+			conn.SetDeadline(time.Now().Add(30 * time.Second))
 			_, err = conn.Write(one)
 		}
 		if err == nil {
@@ -110,8 +112,12 @@ func dialAll(addr string, n int) []net.Conn {
 		}
 		if err != nil {
 			atomic.AddUint64(&failures, 1)
+			if conn != nil {
+				conn.Close()
+			}
 			continue
 		}
+		conn.SetDeadline(time.Time{})
 		conns = append(conns, conn)
 	}
 	return conns
@@ -256,6 +262,7 @@ func main() {
 		return
 	}
 	var wg sync.WaitGroup
+	var open []net.Conn
 	if *mode == "churn" {
 		for i := 0; i < *conns; i++ {
 			wg.Add(1)
@@ -264,7 +271,8 @@ func main() {
 	} else {
 		// Every connection is open and has been echoed once before the warm-up starts, so
 		// the measured window is steady state, not the server's accept backlog.
-		for _, conn := range dialAll(*addr, *conns) {
+		open = dialAll(*addr, *conns)
+		for _, conn := range open {
 			wg.Add(1)
 			go echoWorker(conn, *size, &wg)
 		}
@@ -279,6 +287,11 @@ func main() {
 	elapsed := time.Since(started).Seconds()
 	var after syscall.Rusage
 	syscall.Getrusage(syscall.RUSAGE_SELF, &after)
+	// A request still unanswered 10 s after the window (a server that stopped answering)
+	// fails instead of hanging the run.
+	for _, conn := range open {
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+	}
 	wg.Wait()
 	json.NewEncoder(os.Stdout).Encode(map[string]interface{}{
 		"mode": *mode, "conns": *conns, "size": *size, "elapsed": elapsed,
