@@ -242,6 +242,22 @@ async def test_another_loop_made_and_closed_leaves_the_signals_to_this_one() -> 
         loop.remove_signal_handler(signal.SIGUSR1)
 
 
+def test_a_stale_wakeup_descriptor_is_nobodys() -> None:
+    """A loop collected unclosed leaves the wake-up descriptor naming a closed socket: the
+    next loop takes it over instead of failing to give it back."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    previous = signal.set_wakeup_fd(a.fileno())
+    a.close()
+    b.close()
+    try:
+        loop = iocp_echo.new_event_loop()
+        loop.close()
+        assert signal.set_wakeup_fd(-1) == -1
+    finally:
+        signal.set_wakeup_fd(-1 if previous == a.fileno() else previous)
+
+
 async def test_signal_handler_replaced_and_removed() -> None:
     loop = _loop()
     calls: list[str] = []

@@ -138,7 +138,11 @@ def current_wakeup_fd() -> int | None:
     if threading.current_thread() is not threading.main_thread():
         return None
     current = signal.set_wakeup_fd(-1)
-    signal.set_wakeup_fd(current)
+    if current != -1:
+        try:
+            signal.set_wakeup_fd(current)
+        except (OSError, ValueError):
+            return -1  # a descriptor closed since (a loop collected unclosed): nobody's
     return current
 
 
@@ -146,7 +150,10 @@ def restore_wakeup_fd(previous: int | None, own: int) -> None:
     """After asyncio took or cleared the wake-up descriptor: give back *previous* if it was
     another's (another loop's, another library's)."""
     if previous is not None and previous not in (-1, own):
-        signal.set_wakeup_fd(previous)
+        try:
+            signal.set_wakeup_fd(previous)
+        except (OSError, ValueError):
+            pass  # closed meanwhile: there is nothing to give back
 
 
 def _check_signal(sig: object) -> None:
