@@ -16,8 +16,7 @@ The server learns that a connection ended from :meth:`Accepting.transport_lost`,
 transport calls.
 
 :class:`Accepting` is a part of :class:`~iocp_echo.EchoServer`, kept apart because it is the
-server's busiest concern; it works on the server's own state, which ``EchoServer.__init__``
-sets up and the class body below lists.
+server's busiest concern; it works on the server's own state (``_server_state.py``).
 """
 
 from __future__ import annotations
@@ -25,21 +24,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import ssl as _ssl
-import weakref
-from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 from . import introspection
-from ._backend import Backend, Engine
-from ._logflood import LogLimiter
+from ._server_state import Connection, ServerState
 from ._stock import StockConnection
-from ._transport import CompletionTransport
 from .errors import os_error_code
 from .listeners import format_address
 
-__all__ = ["ACCEPTS_IN_FLIGHT", "ACCEPT_ERROR_BACKOFF", "Accepting", "Connection"]
+__all__ = ["ACCEPTS_IN_FLIGHT", "ACCEPT_ERROR_BACKOFF", "Accepting"]
 
 #: The server's log, whichever part of it writes.
 logger = logging.getLogger("iocp_echo.server")
@@ -51,38 +44,9 @@ ACCEPTS_IN_FLIGHT = 4
 #: buffers or descriptors left): retrying at once would spin.
 ACCEPT_ERROR_BACKOFF = 0.5
 
-#: A connection as the server sees it: the engine's transport, or the fallback's adapter.
-Connection = CompletionTransport | StockConnection
 
-
-class Accepting:
+class Accepting(ServerState):
     """The accepting side of :class:`~iocp_echo.EchoServer` (see the module docstring)."""
-
-    # The server's state this part works on, set up by EchoServer.__init__.
-    _loop: asyncio.AbstractEventLoop
-    _backend: Backend
-    _engine: Engine | None
-    _listeners: list[socket.socket]
-    _local: Any
-    _protocol_factory: Callable[[], asyncio.BaseProtocol]
-    _max_read: int
-    _max_connections: int | None
-    _ssl: _ssl.SSLContext | None
-    _write_high_water: int
-    _closing: bool
-    _log: LogLimiter
-    _accept_tasks: list[asyncio.Task[None]]
-    _accepts: set[asyncio.Future[tuple[socket.socket, Any]]]
-    _setup_tasks: set[asyncio.Task[None]]
-    _connections: set[Connection]
-    _no_connections: asyncio.Event
-    _released: weakref.WeakSet[Any]
-    _total: int
-    _refused: int
-    _failed_accepts: int
-    _closed_bytes_in: int
-    _closed_bytes_out: int
-    _errors: Counter[str]
 
     def adopt(self, conn: socket.socket, address: Any) -> None:
         """Serve a connection accepted elsewhere (see ``serve(accept=False)``), with the same

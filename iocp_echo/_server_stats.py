@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import weakref
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import introspection
-from ._accepting import Connection
+from ._server_state import ServerState
 from ._stock import StockConnection
 from ._transport import CompletionTransport
 
@@ -46,20 +44,8 @@ class ServerStats:
     pending_unavailable: str | None = None
 
 
-class Reporting:
+class Reporting(ServerState):
     """The reporting side of :class:`~iocp_echo.EchoServer` (see the module docstring)."""
-
-    # The server's state this part reads, set up by EchoServer.__init__.
-    _loop: asyncio.AbstractEventLoop
-    _listeners: list[socket.socket]
-    _connections: set[Connection]
-    _released: weakref.WeakSet[Any]
-    _total: int
-    _refused: int
-    _failed_accepts: int
-    _closed_bytes_in: int
-    _closed_bytes_out: int
-    _errors: Counter[str]
 
     def stats(self) -> ServerStats:
         connections = list(self._connections)

@@ -9,13 +9,10 @@ precision (:data:`SWEEP_INTERVAL`, or a quarter of ``idle_timeout`` when that is
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
-from ._accepting import Connection
-from ._backend import Engine
-from ._logflood import LogLimiter
+from ._server_state import ServerState
 from .listeners import format_address
 
 __all__ = ["SWEEP_INTERVAL", "Sweeping"]
@@ -25,17 +22,8 @@ __all__ = ["SWEEP_INTERVAL", "Sweeping"]
 SWEEP_INTERVAL = 1.0
 
 
-class Sweeping:
+class Sweeping(ServerState):
     """The sweep of :class:`~iocp_echo.EchoServer` (see the module docstring)."""
-
-    # The server's state this part works on, set up by EchoServer.__init__.
-    _loop: asyncio.AbstractEventLoop
-    _engine: Engine | None
-    _idle_timeout: float | None
-    _closing: bool
-    _log: LogLimiter
-    _connections: set[Connection]
-    _sweep_handle: asyncio.TimerHandle | None
 
     def _start_sweeping(self) -> None:
         self._sweep_handle = self._loop.call_later(self._sweep_interval(), self._sweep)

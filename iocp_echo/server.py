@@ -28,7 +28,7 @@ from typing import Any
 from . import _platform, _private, introspection
 from ._accepting import ACCEPT_ERROR_BACKOFF as ACCEPT_ERROR_BACKOFF
 from ._accepting import ACCEPTS_IN_FLIGHT as ACCEPTS_IN_FLIGHT
-from ._accepting import Accepting, Connection
+from ._accepting import Accepting
 from ._logflood import LogLimiter
 from ._server_stats import Reporting, ServerStats
 from ._sweeping import Sweeping
@@ -177,29 +177,28 @@ class EchoServer(Accepting, Reporting, Sweeping):
         self._ssl = ssl
         self._write_high_water = write_high_water
         self._shutdown_timeout = shutdown_timeout
-        self._accept_tasks: list[asyncio.Task[None]] = []
-        self._accepts: set[asyncio.Future[tuple[socket.socket, Any]]] = set()
-        self._setup_tasks: set[asyncio.Task[None]] = set()
-        self._connections: set[Connection] = set()
+        self._accept_tasks = []
+        self._accepts = set()
+        self._setup_tasks = set()
+        self._connections = set()
         self._no_connections = asyncio.Event()
         self._no_connections.set()
         self._closing = False
         self._closed = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
-        self._sweep_handle: asyncio.TimerHandle | None = None
+        self._sweep_handle = None
         self._total = 0
         self._refused = 0
         self._failed_accepts = 0
         self._closed_bytes_in = 0
         self._closed_bytes_out = 0
-        self._errors: Counter[str] = Counter()
-        #: Lines a client can cause are rate-limited per kind; stats keep exact counts.
+        self._errors = Counter()
         self._log = LogLimiter(logger)
         self._local = listeners[0].getsockname()
         # Connections already closed, kept weakly (an operation in flight keeps them alive) so
         # that pending_operations() still sees their cancelled I/O until the kernel returns it.
-        self._released: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._engine: _platform.Engine | None = None
+        self._released = weakref.WeakSet()
+        self._engine = None
         self._engine_unavailable: str | None = "TLS runs on asyncio's own transport"
         if ssl is None:
             try:
