@@ -8,7 +8,10 @@ On a fresh Debian machine with CPython 3.11, 3.12 and 3.13 (pyenv's or the syste
 3. runs ``ruff`` and ``mypy``;
 4. runs the test suite natively on Linux CPython 3.11, 3.12, 3.13; each native run also drives
    the CLI under Wine on the Windows CPython of the same version (``--wine-python``);
-5. runs the whole test suite on Windows CPython 3.11, 3.12, 3.13 under Wine.
+5. runs the whole test suite on Windows CPython 3.11, 3.12, 3.13 under Wine;
+6. runs CPython's own ``test_asyncio`` modules on iocp_echo's loop beside the stock loop, on
+   every native and Wine CPython (``tools/conformance.py``; its table lands in
+   ``.cache/conformance/table.md``).
 
 It ends with one line ``N passed, N failed`` over every pytest run, and exits non-zero if any
 step failed.  ``--only native`` / ``--only wine`` / ``--versions 3.13`` narrow it down.
@@ -147,7 +150,9 @@ def run_step(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["native", "wine", "lint"], help="run one part only")
+    parser.add_argument(
+        "--only", choices=["native", "wine", "lint", "conformance"], help="run one part only"
+    )
     parser.add_argument(
         "--versions",
         default=",".join(VERSIONS),
@@ -207,6 +212,22 @@ def main() -> int:
                     *options.pytest_args,
                 ],
             )
+
+    if options.only in (None, "conformance"):
+        # --report: lists the tests that pass on the stock loop and fail on ours, but does not
+        # fail the run yet (issue 14 item 4); drop it to make such a failure fail the check.
+        run_step(
+            results,
+            "conformance",
+            [
+                sys.executable,
+                str(ROOT / "tools" / "conformance.py"),
+                "--report",
+                "--runtimes",
+                ",".join(f"{kind}-{v}" for kind in ("linux", "wine") for v in versions),
+            ],
+            pytest_run=False,
+        )
 
     say("timings")
     for name, seconds in results.timings:
