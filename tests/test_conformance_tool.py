@@ -187,6 +187,14 @@ def test_table_sums_modules_per_runtime():
     )
     row = conformance.table([report]).splitlines()[-1]
     assert row == "| linux-3.13 (3.13.0) | 2 | 2/4 | 4/6 | 4 | 0 | 2 |"
+    wine = conformance.RuntimeReport(
+        "wine-3.13", "3.13.2", "x.Loop", [module], 1, 2, False, "3.13.0"
+    )
+    assert (
+        conformance.table([wine])
+        .splitlines()[-1]
+        .startswith("| wine-3.13 (3.13.2, tests of 3.13.0) | 1 | 1/2 |")
+    )
 
 
 FAKE_MODULE = """

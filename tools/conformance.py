@@ -603,6 +603,7 @@ class Runtime:
     test_dir: Path  # the native CPython's Lib/test, copied for Wine
     testlib: Path | None = None  # the copy's parent, put first on the Windows child's sys.path
     identity: str = ""
+    tests_from: str = ""  # the CPython whose Lib/test the runtime runs, e.g. "3.13.0"
 
     @property
     def platform(self) -> str:
@@ -684,6 +685,7 @@ def make_runtime(name: str) -> Runtime:
             None,
             test_dir,
             identity=f"{os.path.realpath(native)} {native_version}",
+            tests_from=native_version.split()[0],
         )
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import winpy
@@ -698,6 +700,7 @@ def make_runtime(name: str) -> Runtime:
         test_dir,
         testlib=copy_testlib(test_dir, version),
         identity=f"{winpy.EMBED_RELEASES[version]} {exe.stat().st_size} tests {native_version}",
+        tests_from=native_version.split()[0],
     )
 
 
@@ -949,6 +952,15 @@ class RuntimeReport:
     stock_seconds: float
     ours_seconds: float
     stock_cached: bool
+    tests_from: str = ""
+
+    @property
+    def label(self) -> str:
+        """``wine-3.13 (3.13.2, tests of 3.13.0)``: under Wine the test files are the native
+        CPython's, whose patch release differs."""
+        if self.tests_from and self.tests_from != self.python:
+            return f"{self.runtime} ({self.python}, tests of {self.tests_from})"
+        return f"{self.runtime} ({self.python})"
 
     def total(self, attribute: str) -> int:
         return sum(int(getattr(module, attribute)) for module in self.modules)
@@ -971,7 +983,7 @@ def table(reports: Sequence[RuntimeReport]) -> str:
     for report in reports:
         stock, ours = report.total("stock_passed"), report.total("ours_passed")
         lines.append(
-            f"| {report.runtime} ({report.python}) | {len(report.modules)} "
+            f"| {report.label} | {len(report.modules)} "
             f"| {ours}/{stock} | {stock}/{report.total('tests')} | {report.total('on_our_loop')} "
             f"| {report.listed} | {report.unexpected} |"
         )
@@ -996,6 +1008,7 @@ def runtime_report(runtime: Runtime, jobs: Sequence[Job], listing: ExceptionsFil
         round(sum(j.stock.seconds for j in jobs if j.stock and not j.stock.cached), 1),
         round(sum(j.ours.seconds for j in jobs if j.ours), 1),
         all(j.stock.cached for j in jobs if j.stock),
+        runtime.tests_from,
     )
 
 
@@ -1121,12 +1134,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_details(reports: Sequence[RuntimeReport]) -> None:
     for report in reports:
-        print(f"\n## {report.runtime} ({report.python}; ours: {report.loop_class})")
+        print(f"\n## {report.label}; ours: {report.loop_class}")
         for module in report.modules:
             print(
                 f"  {module.module}: ours {module.ours_passed}/{module.stock_passed}, "
                 f"stock {module.stock_passed}/{module.tests}, on our loop {module.on_our_loop}, "
                 f"listed {len(module.listed)}, unexpected {len(module.unexpected)}"
+                + (
+                    f", not run on either loop (listed) {len(module.not_run)}"
+                    if module.not_run
+                    else ""
+                )
             )
             for name, why in module.unexpected.items():
                 print(f"    UNEXPECTED {name}: {why}")
