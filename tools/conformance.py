@@ -1055,7 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="comma-separated test_asyncio modules (default: the platform's list)",
     )
-    parser.add_argument("--jobs", type=int, default=2, help="child runs at once (default 2)")
+    parser.add_argument("--jobs", type=int, default=3, help="child runs at once (default 3)")
     parser.add_argument(
         "--per-test-timeout", type=float, default=30.0, help="seconds natively (default 30)"
     )
