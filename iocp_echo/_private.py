@@ -411,3 +411,30 @@ def ssl_protocol_class() -> type[asyncio.BufferedProtocol]:
         if init_names is None or "_app_transport" not in init_names.co_names:
             raise InternalsUnavailable("asyncio.sslproto.SSLProtocol has another shape")
     return cls  # type: ignore[return-value]
+
+def sendfile_mode(name: str) -> Any:
+    """A member of ``asyncio.constants._SendfileMode``: what ``loop.sendfile()`` reads from
+    a transport's ``_sendfile_compatible`` to choose the native path, the fallback, or
+    neither.  ``None`` (read as "unsupported") when asyncio has no such member."""
+    from asyncio import constants
+
+    mode = getattr(getattr(constants, "_SendfileMode", None), name, None)
+    return mode
+
+
+def flow_control_transport() -> type[asyncio.Transport]:
+    """``asyncio.transports._FlowControlMixin``: the base asyncio's write-side transports share,
+    and the type ``loop.sendfile()``'s fallback requires of a transport (it reads the
+    transport's ``_protocol_paused``).  ``asyncio.Transport`` when it has another shape, so a
+    transport still works, without that fallback."""
+    from asyncio import transports
+
+    mixin = getattr(transports, "_FlowControlMixin", None)
+    slots = set(getattr(mixin, "__slots__", ()))
+    if (
+        isinstance(mixin, type)
+        and issubclass(mixin, asyncio.Transport)
+        and slots == {"_loop", "_protocol_paused", "_high_water", "_low_water"}
+    ):
+        return mixin
+    return asyncio.Transport

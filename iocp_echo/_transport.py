@@ -47,6 +47,8 @@ import socket
 import time
 from typing import Any, Protocol, runtime_checkable
 
+from . import _private
+
 __all__ = [
     "DEFAULT_WRITE_HIGH_WATER",
     "END_OF_STREAM",
@@ -81,7 +83,13 @@ class ConnectionOwner(Protocol):
     def transport_lost(self, transport: CompletionTransport, exc: BaseException | None) -> None: ...
 
 
-class CompletionTransport(asyncio.Transport):
+#: asyncio's flow-control transport base (``loop.sendfile()``'s fallback requires it), which
+#: holds the write limits and the loop; plain ``asyncio.Transport`` if its shape changed.
+_BASE = _private.flow_control_transport()
+_BASE_SLOTS = ("_high_water", "_loop", "_low_water", "_protocol_paused")
+
+
+class CompletionTransport(_BASE):  # type: ignore[misc,valid-type]
     """A stream transport driven by completions; see the module docstring."""
 
     #: ``loop.start_tls()`` may upgrade this transport (it swaps the protocol while paused).
@@ -93,20 +101,17 @@ class CompletionTransport(asyncio.Transport):
         "_closing",
         "_conn_lost",
         "_deliver",
+        "_empty_waiter",
         "_eof_pending",
         "_eof_written",
         "_fileno",
-        "_high_water",
         "_last_traffic",
         "_lend",
         "_lent",
-        "_loop",
-        "_low_water",
         "_max_read",
         "_owner",
         "_peer",
         "_protocol",
-        "_protocol_paused",
         "_queue",
         "_queued",
         "_read_ended",
@@ -117,7 +122,7 @@ class CompletionTransport(asyncio.Transport):
         "bytes_received",
         "bytes_sent",
         "last_activity",
-    )
+    ) + (() if _BASE is not asyncio.Transport else _BASE_SLOTS)
 
     def __init__(
         self,
@@ -161,6 +166,7 @@ class CompletionTransport(asyncio.Transport):
         self._queue: list[bytes] | None = None
         self._queued = 0
         self._lent: memoryview | None = None
+        self._empty_waiter: asyncio.Future[None] | None = None
         self.bytes_received = 0
         self.bytes_sent = 0
         self.last_activity = time.monotonic()
@@ -228,6 +234,8 @@ class CompletionTransport(asyncio.Transport):
         return self._sending + self._queued
 
     def write(self, data: bytes | bytearray | memoryview) -> None:  # type: ignore[override]
+        if self._empty_waiter is not None:
+            raise RuntimeError("unable to write; sendfile is in progress")
         if self._eof_written or self._eof_pending:
             raise RuntimeError("write_eof() already called")
         if self._conn_lost:
@@ -348,6 +356,26 @@ class CompletionTransport(asyncio.Transport):
         """``(kind, state, nbytes, started)`` of each operation in flight, as recorded when it
         was issued (``started`` is a ``time.monotonic()`` value)."""
         raise NotImplementedError
+
+    # -- loop.sendfile() ---------------------------------------------------------------------
+    # asyncio's proactor loops send a file over a transport natively (``_sendfile_native``):
+    # reading paused, they wait for the write side to be IDLE, send the file on the socket,
+    # then resume.  Meanwhile write() is refused, so no bytes can cut into the file's.
+
+    _sendfile_compatible = _private.sendfile_mode("TRY_NATIVE")
+
+    def _make_empty_waiter(self) -> asyncio.Future[None]:
+        if self._empty_waiter is not None:
+            raise RuntimeError("Empty waiter is already set")
+        self._empty_waiter = self._loop.create_future()
+        if self._conn_lost:
+            self._empty_waiter.set_exception(ConnectionError("Connection is closed by peer"))
+        elif not self._sending and not self._queue:
+            self._empty_waiter.set_result(None)
+        return self._empty_waiter
+
+    def _reset_empty_waiter(self) -> None:
+        self._empty_waiter = None
 
     # -- shared machinery -------------------------------------------------------------------
 
@@ -479,15 +507,20 @@ class CompletionTransport(asyncio.Transport):
             self._start_send(data)
         if self._conn_lost:
             return
+        if self._protocol_paused:
+            # First, as asyncio's transports do: a producer resumed now may write more (a TLS
+            # layer flushing its last records, close_notify included, after close()).
+            self._maybe_resume_protocol()
+            if self._conn_lost:
+                return
         if not self._sending and not self._queue:
+            if self._empty_waiter is not None and not self._empty_waiter.done():
+                self._empty_waiter.set_result(None)
             if self._closing:
                 self._schedule_connection_lost(None)
-                return
-            if self._eof_pending:
+            elif self._eof_pending:
                 self._eof_pending = False
                 self._shutdown_write()
-        if self._protocol_paused:
-            self._maybe_resume_protocol()
 
     def _maybe_resume_protocol(self) -> None:
         if self._conn_lost:
@@ -534,6 +567,12 @@ class CompletionTransport(asyncio.Transport):
     def _force_close(self, exc: BaseException | None) -> None:
         if self._conn_lost:
             return
+        waiter = self._empty_waiter
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
         self._closing = True
         self._reading = False
         self._backlog = None
@@ -558,6 +597,16 @@ class CompletionTransport(asyncio.Transport):
             _close_socket(self._sock)
             if self._owner is not None:
                 self._owner.transport_lost(self, exc)
+            # Let go of the protocol, as asyncio's transports do: a cancelled operation's
+            # completion may keep this transport for another loop iteration, and the protocol
+            # (a TLS layer, say, with its SSLContext) must not live as long.
+            self._protocol = _GONE
+            self._deliver = self._deliver_bytes
+            self._lend = None
+
+
+#: The protocol of a transport whose connection is lost: it ignores whatever still arrives.
+_GONE = asyncio.Protocol()
 
 
 def _close_socket(sock: socket.socket) -> None:

@@ -283,3 +283,115 @@ def test_property_streams_clients_get_their_own_bytes_back(streams: list[list[by
         await wait_until(lambda: not _own_operations(loop), what="operations of closed streams")
 
     iocp_echo.run(scenario())
+
+
+async def test_sendfile_sends_the_file_and_refuses_writes_meanwhile(tmp_path: Path) -> None:
+    """``loop.sendfile()`` on the engine's transport: the file's bytes exactly, between the
+    bytes written before and after, and no write() can cut into them."""
+    loop = asyncio.get_running_loop()
+    content = bytes(range(256)) * (128 << 10) + b"tail"  # 32 MiB: more than sockets buffer
+    path = tmp_path / "file"
+    path.write_bytes(content)
+    received: asyncio.Future[bytes] = loop.create_future()
+    reading = asyncio.Event()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reading.wait()  # (not before sendfile() is under way)
+        received.set_result(await reader.read())
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    transport: Any = writer.transport
+    assert isinstance(transport, iocp_echo.CompletionTransport)
+    writer.write(b"before:")
+    with path.open("rb") as file:
+        sending = asyncio.ensure_future(loop.sendfile(writer.transport, file, 10))
+        # The peer does not read yet, so the file cannot all go at once.
+        await wait_until(lambda: transport._empty_waiter is not None, what="sendfile")
+        assert not sending.done()
+        with pytest.raises(RuntimeError, match="sendfile is in progress"):
+            transport.write(b"cut in")
+        reading.set()
+        assert await asyncio.wait_for(sending, 30) == len(content) - 10
+        assert file.tell() == len(content)
+    writer.write(b":after")
+    writer.write_eof()
+    assert await asyncio.wait_for(received, 30) == b"before:" + content[10:] + b":after"
+    writer.close()
+    await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
+
+
+class _FlushesAfterClose(asyncio.Protocol):
+    """A producer that, like asyncio's TLS layer, holds its last bytes while paused and
+    writes them when resumed, after it has already called close()."""
+
+    def __init__(self, first: bytes, last: bytes) -> None:
+        self.first, self.last = first, last
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.first)  # far past the high-water mark: pause_writing() now
+        transport.close()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.transport.write(self.last)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(exc)
+
+
+async def test_a_producer_resumed_after_close_still_gets_its_last_bytes_out() -> None:
+    """The write side resumes a paused producer before it finishes a close, as asyncio's
+    transports do (a TLS layer's close_notify was lost this way: CPython's
+    test_remote_shutdown_receives_trailing_data hung)."""
+    loop = asyncio.get_running_loop()
+    first, last = b"x" * (4 << 20), b"the last bytes"
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    connecting = asyncio.ensure_future(
+        loop.create_connection(lambda: _FlushesAfterClose(first, last), "127.0.0.1", port)
+    )
+    peer, _ = await asyncio.wait_for(loop.sock_accept(listener), 10)
+    listener.close()
+    transport, protocol = await asyncio.wait_for(connecting, 10)
+    assert isinstance(transport, iocp_echo.CompletionTransport)
+    received = bytearray()
+    while chunk := await asyncio.wait_for(loop.sock_recv(peer, 1 << 20), 30):
+        received += chunk
+    assert len(received) == len(first) + len(last) and received.endswith(last)
+    assert await asyncio.wait_for(protocol.lost, 10) is None
+    peer.close()
+
+
+async def test_a_lost_connection_lets_go_of_its_protocol() -> None:
+    """Once connection_lost() ran, the transport holds no reference to the protocol (a
+    cancelled read may keep the transport one more loop iteration; a TLS layer and its
+    SSLContext must not live as long)."""
+    import gc
+    import weakref
+
+    loop = asyncio.get_running_loop()
+    server = await asyncio.start_server(handlers := EchoHandlers(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport, protocol = await loop.create_connection(_Recorder, "127.0.0.1", port)
+    gone = weakref.ref(protocol)
+    transport.close()
+    await asyncio.wait_for(protocol.lost, 10)
+    del protocol
+    gc.collect()
+    assert gone() is None
+    assert transport.is_closing()
+    await handlers.finished()
+    server.close()
+    await server.wait_closed()

@@ -490,7 +490,13 @@ class UringTransport(CompletionTransport):
 
         The send is written out here rather than calling :meth:`_start_send` (which does the
         same for queued data): it is one Python call per echo, a fifth of the engine's."""
-        if self._sending or self._queue or self._conn_lost or self._eof_pending:
+        if (
+            self._sending
+            or self._queue
+            or self._conn_lost
+            or self._eof_pending
+            or self._empty_waiter is not None
+        ):
             CompletionTransport.write(self, data)
             return
         if self._eof_written:

@@ -568,8 +568,28 @@ class UringProactor:
         )
 
     def sendfile(self, sock: Any, file: Any, offset: int, count: int) -> asyncio.Future[Any]:
-        # asyncio falls back to reading and sending when the proactor says so.
-        raise asyncio.exceptions.SendfileNotAvailableError("io_uring sendfile is not offered")
+        """Send *count* bytes of *file* from *offset*: ``os.sendfile()`` (the kernel copies
+        from the page cache, nothing passes through Python) whenever the socket can take more,
+        as the selector loop's ``sock_sendfile`` does; io_uring has no sendfile operation.
+        The future completes once all of them went (or the file ended), which is what
+        asyncio's proactor loop expects of ``IocpProactor.sendfile`` (TransmitFile); the
+        file's position follows what was sent, as with the selector loop."""
+        out, source = sock.fileno(), file.fileno()
+        position, left = offset, count
+
+        def send_more() -> None:
+            nonlocal position, left
+            while left > 0:
+                sent = os.sendfile(out, source, position, left)  # BlockingIOError: wait
+                if sent == 0:
+                    return  # the file is shorter than asked
+                position += sent
+                left -= sent
+                # Where the file stands if the peer goes away before the rest (asyncio
+                # positions it after the whole block only once the block completed).
+                file.seek(position)
+
+        return self._readiness("sendfile", sock, _POLLOUT, send_more)
 
     def _readiness(
         self, kind: str, sock: socket.socket, events: int, action: Callable[[], Any]
