@@ -32,7 +32,9 @@ __all__ = [
     "summarize",
 ]
 
-Kind = Literal["accept", "recv", "send", "connect", "sendfile", "wakeup", "wait", "unknown"]
+Kind = Literal[
+    "accept", "recv", "send", "connect", "sendfile", "wakeup", "wait", "reader", "writer", "unknown"
+]
 State = Literal["pending", "cancelling", "completing"]
 
 
