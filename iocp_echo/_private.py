@@ -34,6 +34,11 @@ CPython but *implementing* its extension points, each covered by the whole suite
   queues readiness and signal handles with ``_add_callback``; and offers the
   ``_add_reader``/``_remove_reader``/``_add_writer``/``_remove_writer`` that asyncio's Unix
   transports and child watchers call.
+* ``iocp_echo._iocp.loop.IocpDequeue`` is an ``IocpProactor`` subclass whose ``_poll`` (the
+  dequeue ``select()`` and ``close()`` call) and ``_stop_serving`` replace CPython's: it reads
+  ``_iocp``, ``_cache``, ``_results``, ``_unregistered``, ``_stopped_serving`` and ``_loop``
+  as ``_poll`` does.  :func:`check_dequeue` compares every name CPython's ``_poll`` uses with
+  the ones that dequeue was written against; any difference and iocp_echo's loop is not used.
 * ``protocol.is_completion_transport`` recognises asyncio's proactor transports by their base
   class ``proactor_events._ProactorBasePipeTransport`` (enforcement only: a wrong answer refuses
   a transport, it never misuses one).
@@ -206,8 +211,9 @@ def completion_hook(loop: asyncio.AbstractEventLoop) -> CompletionHook:
     register = getattr(proactor, "_register_with_iocp", None)
     if not isinstance(cache, dict) or not callable(register):
         raise InternalsUnavailable("IocpProactor has no _cache dict or _register_with_iocp")
+    stock = _stock_class(type(proactor))  # iocp_echo's own dequeue checked it was this one
     for method, names in (("_poll", _POLL_NAMES), ("close", _CLOSE_NAMES)):
-        code = getattr(getattr(type(proactor), method, None), "__code__", None)
+        code = getattr(getattr(stock, method, None), "__code__", None)
         missing = names - set(getattr(code, "co_names", ()))
         if missing:
             raise InternalsUnavailable(
@@ -217,6 +223,106 @@ def completion_hook(loop: asyncio.AbstractEventLoop) -> CompletionHook:
     if not isinstance(getattr(proactor, "_results", None), list):
         raise InternalsUnavailable("IocpProactor._results is not a list")
     return CompletionHook(cache, register)
+
+
+def _stock_class(cls: type) -> type:
+    """The first of *cls* and its bases that asyncio defines (``IocpProactor`` for
+    iocp_echo's subclass)."""
+    return next((c for c in cls.__mro__ if c.__module__.startswith("asyncio.")), cls)
+
+
+#: Every global and attribute name ``IocpProactor._poll`` uses: identical in CPython 3.11.9,
+#: 3.12.9 and 3.13.2.  iocp_echo's loop (``_iocp/loop.py``) replaces ``_poll`` by a dequeue
+#: that does the same for CPython's own futures and hands the engine's packets to the engine
+#: directly.  A ``_poll`` that uses another name does something that dequeue does not.
+_STOCK_POLL_NAMES = frozenset(
+    {
+        "CloseHandle",
+        "GetQueuedCompletionStatus",
+        "INFINITE",
+        "INVALID_HANDLE_VALUE",
+        "KeyError",
+        "OSError",
+        "ValueError",
+        "_cache",
+        "_iocp",
+        "_loop",
+        "_overlapped",
+        "_results",
+        "_stopped_serving",
+        "_unregistered",
+        "_winapi",
+        "address",
+        "append",
+        "call_exception_handler",
+        "cancel",
+        "ceil",
+        "clear",
+        "done",
+        "get_debug",
+        "math",
+        "pop",
+        "set_exception",
+        "set_result",
+    }
+)
+#: What the rest of IocpProactor must do for a ``_poll`` override to stand in for it:
+#: ``select()`` and ``close()`` reach the port only through ``_poll``, and ``_stop_serving()``
+#: and ``_unregister()`` only record what ``_poll`` acts on.
+_POLL_CALLERS = {
+    "select": frozenset({"_poll", "_results"}),
+    "close": frozenset({"_poll", "_cache", "_iocp"}),
+    "_stop_serving": frozenset({"_stopped_serving", "add"}),
+    "_unregister": frozenset({"_unregistered", "append"}),
+}
+
+
+def check_dequeue(proactor_class: type, proactor: Any = None) -> None:
+    """Raise :class:`InternalsUnavailable` unless the ``IocpProactor`` under *proactor_class*
+    polls the way iocp_echo's dequeue (``_iocp/loop.py``) replaces; with *proactor*, also
+    check the state that dequeue works on.
+
+    The dequeue is a subclass's ``_poll``: it reads ``_iocp``, pops ``_cache`` entries,
+    resolves CPython's futures as ``_poll`` does (``_stopped_serving``, ``_results``,
+    ``_unregistered``), and calls the engine's entries directly.
+    """
+    stock = _stock_class(proactor_class)
+    code = getattr(getattr(stock, "_poll", None), "__code__", None)
+    if code is None or code.co_varnames[: code.co_argcount] != ("self", "timeout"):
+        raise InternalsUnavailable("IocpProactor._poll(timeout) is missing or has another shape")
+    names = set(code.co_names)
+    if names != _STOCK_POLL_NAMES:
+
+        def listed(some: set[str] | frozenset[str]) -> str:
+            first = sorted(some)[:5]
+            return ", ".join(first) + (f" and {len(some) - 5} more" if len(some) > 5 else "")
+
+        added = listed(names - _STOCK_POLL_NAMES) or "nothing new"
+        dropped = listed(_STOCK_POLL_NAMES - names) or "nothing"
+        raise InternalsUnavailable(
+            f"IocpProactor._poll changed (now uses {added}; no longer uses {dropped}): "
+            "iocp_echo's dequeue would not do what it does"
+        )
+    for method, wanted in _POLL_CALLERS.items():
+        method_code = getattr(getattr(stock, method, None), "__code__", None)
+        missing = wanted - set(getattr(method_code, "co_names", ()))
+        if missing:
+            raise InternalsUnavailable(
+                f"IocpProactor.{method} no longer uses {', '.join(sorted(missing))}"
+            )
+    if proactor is not None:
+        import weakref
+
+        state = {
+            "_iocp": int,
+            "_cache": dict,
+            "_results": list,
+            "_unregistered": list,
+            "_stopped_serving": weakref.WeakSet,
+        }
+        for name, kind in state.items():
+            if not isinstance(getattr(proactor, name, None), kind):
+                raise InternalsUnavailable(f"IocpProactor.{name} is not a {kind.__name__}")
 
 
 # -- the io_uring loop's Unix pieces: pipes, subprocesses (iocp_echo._uring) ----------------
@@ -373,6 +479,7 @@ def capabilities(loop: asyncio.AbstractEventLoop) -> dict[str, str | None]:
         report["completion_hook"] = str(exc)
     return report
 
+
 # -- the loops' own socket transports (iocp_echo._loop_transports) ---------------------------
 
 
@@ -411,6 +518,7 @@ def ssl_protocol_class() -> type[asyncio.BufferedProtocol]:
         if init_names is None or "_app_transport" not in init_names.co_names:
             raise InternalsUnavailable("asyncio.sslproto.SSLProtocol has another shape")
     return cls  # type: ignore[return-value]
+
 
 def sendfile_mode(name: str) -> Any:
     """A member of ``asyncio.constants._SendfileMode``: what ``loop.sendfile()`` reads from

@@ -25,6 +25,17 @@ async def test_every_internal_is_available_on_this_cpython() -> None:
     }
 
 
+async def test_the_dequeue_replaces_this_cpythons_poll() -> None:
+    """iocp_echo's loop replaces IocpProactor._poll: every name it uses is the expected set."""
+    from iocp_echo._iocp.loop import IocpDequeue
+
+    proactor = asyncio.get_running_loop()._proactor  # type: ignore[attr-defined]
+    assert type(proactor) is IocpDequeue
+    _private.check_dequeue(IocpDequeue, proactor)  # raises InternalsUnavailable otherwise
+    code = asyncio.IocpProactor._poll.__code__  # type: ignore[attr-defined]
+    assert set(code.co_names) == _private._STOCK_POLL_NAMES
+
+
 async def test_cache_snapshot_shape_and_callback_names(server: iocp_echo.EchoServer) -> None:
     sock = await connect(server.port)
     await wait_until(lambda: server.stats().open_connections == 1)

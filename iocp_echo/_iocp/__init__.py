@@ -52,6 +52,7 @@ TRANSIENT_ACCEPT_ERRORS = frozenset(
 )
 
 _warned_fallback = False
+_warned_stock_loop = False
 
 
 def loop_class() -> type[asyncio.AbstractEventLoop]:
@@ -61,9 +62,21 @@ def loop_class() -> type[asyncio.AbstractEventLoop]:
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
+    """iocp_echo's :class:`~.loop.IocpEventLoop`; a plain ``ProactorEventLoop`` (said once in
+    the log) where CPython's ``IocpProactor`` is not the one its dequeue replaces."""
+    global _warned_stock_loop
     if sys.platform != "win32":
         raise RuntimeError("the IOCP backend exists only on Windows")
-    loop = asyncio.ProactorEventLoop()
+    from .loop import IocpDequeue, IocpEventLoop
+
+    loop: asyncio.AbstractEventLoop
+    try:
+        loop = IocpEventLoop(IocpDequeue())
+    except _private.InternalsUnavailable as exc:
+        if not _warned_stock_loop:
+            _warned_stock_loop = True
+            logger.warning("iocp_echo's event loop is unavailable (%s): using asyncio's", exc)
+        loop = asyncio.ProactorEventLoop()
     if threading.current_thread() is threading.main_thread():
         # The loop made its self-pipe the signal wakeup fd.  A wakeup byte that cannot be
         # written means one is already queued, so the loop wakes anyway; without this CPython

@@ -44,7 +44,9 @@ Fairness.  ``_poll`` keeps dequeuing while packets are ready, and a connection t
 receive from its own completion can keep it from ever returning to the loop (a client
 streaming flat out would starve accepts, timers and every task).  The engine therefore counts
 the completions it handles per loop iteration; past ``COMPLETIONS_PER_ITERATION`` a connection
-re-arms its receive from a loop callback instead, so ``_poll`` runs dry and returns.
+re-arms its receive between two dequeues instead (:meth:`IocpEngine.new_iteration`: called by
+iocp_echo's own loop as its next dequeue starts, or from a loop callback on CPython's
+``ProactorEventLoop``), so the dequeue runs dry and returns.
 
 Closing the loop.  ``IocpProactor.close()`` cancels every cached operation and polls until the
 cache is empty; the first ``cancel()`` of an engine entry marks the engine stopped, and a
@@ -148,6 +150,10 @@ class IocpEngine:
         #: Completions left to handle inline in this loop iteration (see "Fairness").
         self.budget = COMPLETIONS_PER_ITERATION
         self.deferred: list[IocpTransport] = []
+        #: iocp_echo's own loop renews the budget as each dequeue starts; on CPython's
+        #: ProactorEventLoop a loop callback does (scheduled by the iteration's first packet).
+        attach = getattr(loop, "attach_engine", None)
+        self.renew_by_callback = not (attach is not None and attach(self))
 
     @property
     def name(self) -> str:
@@ -162,6 +168,14 @@ class IocpEngine:
         write_high_water: int,
         owner: ConnectionOwner | None,
     ) -> IocpTransport:
+        """Serve the connected stream socket *sock* (IPv4 or IPv6, accepted or connected,
+        by the proactor or elsewhere): one engine serves every socket of its loop.
+
+        Call on the loop's thread, before :meth:`IocpTransport.start`.  The socket is
+        associated with the loop's completion port here if the proactor has not done so
+        (``IocpProactor._register_with_iocp`` remembers which are); it must be non-blocking
+        (asyncio's ``connect_accepted_socket`` and ``create_connection`` make it so), and no
+        other reader may have an operation in flight on it."""
         self.register_socket(sock)
         transport = IocpTransport(
             self,
@@ -200,8 +214,8 @@ class IocpEngine:
 
     # -- fairness ---------------------------------------------------------------------------
 
-    def _new_iteration(self) -> None:
-        """Runs once _poll has returned: a fresh budget, and the re-arms that waited."""
+    def new_iteration(self) -> None:
+        """Between two dequeues: a fresh budget, and the re-arms that waited."""
         self.budget = COMPLETIONS_PER_ITERATION
         deferred, self.deferred = self.deferred, []
         for transport in deferred:
@@ -231,6 +245,11 @@ class IocpEngine:
         pass
 
     def close(self) -> None:
+        if not self.renew_by_callback:  # connections still open go on being served
+            self.loop.detach_engine(self)  # type: ignore[attr-defined]
+            self.renew_by_callback = True
+            if self.budget != COMPLETIONS_PER_ITERATION and not self.loop.is_closed():
+                self.loop.call_soon(self.new_iteration)
         self.pool.clear()
         self.pooled.clear()
 
@@ -416,11 +435,11 @@ class IocpTransport(CompletionTransport):
                 self._release_read_buffer()  # nothing will read into it for now
             return
         # The next receive, at once while this loop iteration's budget lasts (see
-        # "Fairness"), else from the loop (IocpEngine._new_iteration).  Written out here:
+        # "Fairness"), else from the loop (IocpEngine.new_iteration).  Written out here:
         # it is every echo's path, and each Python call costs.
         budget = engine.budget
-        if budget == COMPLETIONS_PER_ITERATION:
-            engine.loop.call_soon(engine._new_iteration)
+        if budget == COMPLETIONS_PER_ITERATION and engine.renew_by_callback:
+            engine.loop.call_soon(engine.new_iteration)
         engine.budget = budget - 1
         if budget <= 0:
             engine.deferred.append(self)
