@@ -76,6 +76,8 @@ async def test_reads_never_ask_more_than_max_read() -> None:
         payload = os.urandom(100_000)
         await asyncio.get_running_loop().sock_sendall(sock, payload)
         assert await recv_exactly(sock, len(payload)) == payload
+        # (a busy connection's next receive is issued as the loop's next dequeue starts)
+        await wait_until(lambda: any(op.kind == "recv" for op in server.pending_operations()))
         recvs = [op for op in server.pending_operations() if op.kind == "recv"]
         assert [op.nbytes for op in recvs] == [1000]
         sock.close()

@@ -48,6 +48,12 @@ re-arms its receive between two dequeues instead (:meth:`IocpEngine.new_iteratio
 iocp_echo's own loop as its next dequeue starts, or from a loop callback on CPython's
 ``ProactorEventLoop``), so the dequeue runs dry and returns.
 
+Batched receives.  A BUSY connection re-arms its receive between two dequeues too, not from
+its completion: by then its client has usually answered the echo, and a receive that finds
+data completes at once, which costs Wine far less than one that must wait (measured, 1 KiB x
+20 under Wine: 69 instead of 87 µs of server CPU per echo).  The echo's send is usually done
+by then as well, and its buffer becomes the next receive's, with no trip through the pool.
+
 Closing the loop.  ``IocpProactor.close()`` cancels every cached operation and polls until the
 cache is empty; the first ``cancel()`` of an engine entry marks the engine stopped, and a
 stopped engine issues no operation again (or close() would wait for ever).
@@ -133,6 +139,8 @@ class IocpEngine:
 
     #: Accepts stay the server's AcceptEx loop (one operation each: no multishot on IOCP).
     accepts = False
+    #: A BUSY connection's next receive waits for the end of the dequeue ("Batched receives").
+    batch_reads = True
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, max_read: int) -> None:
         hook = _private.completion_hook(loop)  # InternalsUnavailable: use the stock path
@@ -441,7 +449,7 @@ class IocpTransport(CompletionTransport):
         if budget == COMPLETIONS_PER_ITERATION and engine.renew_by_callback:
             engine.loop.call_soon(engine.new_iteration)
         engine.budget = budget - 1
-        if budget <= 0:
+        if budget <= 0 or (self._busy and engine.batch_reads):
             engine.deferred.append(self)
         elif self._busy:
             self._read_busily()
