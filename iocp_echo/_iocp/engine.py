@@ -495,7 +495,14 @@ class IocpTransport(CompletionTransport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:  # type: ignore[override]
         """The fast path: write side IDLE and open: one WSASend, from the lent buffer."""
-        if self._sending or self._queue or self._conn_lost or self._eof_pending or not data:
+        if (
+            self._sending
+            or self._queue
+            or self._conn_lost
+            or self._eof_pending
+            or self._empty_waiter is not None  # loop.sendfile() under way: refused
+            or not data
+        ):
             CompletionTransport.write(self, data)
             return
         if self._eof_written:
