@@ -34,9 +34,10 @@ logger = logging.getLogger("iocp_echo.loop")
 WRITE_HIGH_WATER = 64 * 1024
 #: The read size of the loop's connections: what one asyncio proactor read asks for.
 READ_SIZE = 65536
-#: After the last connection closes, the engine is asked once to give back memory
-#: nothing uses (io_uring's provided buffers) this long later.
-SWEEP_DELAY = 1.0
+#: While the loop has connections, and once more after the last one closed, the engine is
+#: asked this often to give back memory nothing uses (IOCP: a quiet connection's read buffer;
+#: io_uring: the provided buffers' pages), as a server's sweep does.
+SWEEP_INTERVAL = 1.0
 
 
 class EngineTransports:
@@ -77,6 +78,8 @@ class EngineTransports:
         if server is not None:
             _private.server_attach(server, transport)
         self._open_connections += 1
+        if self._sweep_handle is None:
+            self._sweep_handle = loop.call_later(SWEEP_INTERVAL, self._sweep)
         loop.call_soon(transport.start)
         if waiter is not None:
             loop.call_soon(_set_result_unless_cancelled, waiter, None)
@@ -150,14 +153,17 @@ class EngineTransports:
 
     def _connection_lost(self) -> None:
         self._open_connections -= 1
-        if self._open_connections == 0 and self._sweep_handle is None and self._engine:
-            loop: Any = self
-            self._sweep_handle = loop.call_later(SWEEP_DELAY, self._sweep)
 
     def _sweep(self) -> None:
+        """Every second while connections are open; the last time, a second at most after
+        the last one closed (io_uring gives the ring's pages back only then)."""
         self._sweep_handle = None
-        if self._engine is not None and self._open_connections == 0:
-            self._engine.sweep(time.monotonic())
+        if self._engine is None:
+            return
+        self._engine.sweep(time.monotonic())
+        if self._open_connections:
+            loop: Any = self
+            self._sweep_handle = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
 
 class _ConnectionLink:
