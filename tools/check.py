@@ -11,7 +11,8 @@ On a fresh Debian machine with CPython 3.11, 3.12 and 3.13 (pyenv's or the syste
 5. runs the whole test suite on Windows CPython 3.11, 3.12, 3.13 under Wine;
 6. runs CPython's own ``test_asyncio`` modules on iocp_echo's loop beside the stock loop, on
    every native and Wine CPython (``tools/conformance.py``; its table lands in
-   ``.cache/conformance/table.md``).
+   ``.cache/conformance/table.md``): natively a gate (an unlisted test that passes on the
+   stock loop and fails on ours fails the check), under Wine a report.
 
 It ends with one line ``N passed, N failed`` over every pytest run, and exits non-zero if any
 step failed.  ``--only native`` / ``--only wine`` / ``--versions 3.13`` narrow it down.
@@ -214,20 +215,22 @@ def main() -> int:
             )
 
     if options.only in (None, "conformance"):
-        # --report: lists the tests that pass on the stock loop and fail on ours, but does not
-        # fail the run yet (issue 14 item 4); drop it to make such a failure fail the check.
-        run_step(
-            results,
-            "conformance",
-            [
-                sys.executable,
-                str(ROOT / "tools" / "conformance.py"),
-                "--report",
-                "--runtimes",
-                ",".join(f"{kind}-{v}" for kind in ("linux", "wine") for v in versions),
-            ],
-            pytest_run=False,
-        )
+        # Natively the step is a gate: a test that passes on the stock loop and fails on ours,
+        # unlisted, fails the check.  Under Wine it reports only (--report): CPython's tests
+        # there run near their time limits on a loaded machine, and a hang must not block CI.
+        for kind, gate in (("linux", True), ("wine", False)):
+            run_step(
+                results,
+                f"conformance {kind}",
+                [
+                    sys.executable,
+                    str(ROOT / "tools" / "conformance.py"),
+                    *([] if gate else ["--report"]),
+                    "--runtimes",
+                    ",".join(f"{kind}-{v}" for v in versions),
+                ],
+                pytest_run=False,
+            )
 
     say("timings")
     for name, seconds in results.timings:
