@@ -133,67 +133,9 @@ async def make_subprocess_transport(
 ) -> asyncio.SubprocessTransport:
     """Start the child, watch it, and return its transport once its pipes are connected."""
     transport_class = _private.unix_subprocess_transport()
-    installed = _private.installed_child_watcher(asyncio.get_event_loop_policy())
-    if installed is not None:
-        return await _with_installed_watcher(
-            loop,
-            installed,
-            transport_class,
-            protocol,
-            args,
-            shell,
-            stdin,
-            stdout,
-            stderr,
-            bufsize,
-            extra,
-            **kwargs,
-        )
-    waiter = loop.create_future()
-    transport = transport_class(
-        loop,
-        protocol,
-        args,
-        shell,
-        stdin,
-        stdout,
-        stderr,
-        bufsize,
-        waiter=waiter,
-        extra=extra,
-        **kwargs,
-    )
-    children.watch(transport.get_pid(), transport._process_exited)
-    await _connected(transport, waiter)
-    return transport  # type: ignore[no-any-return]
 
-
-async def _with_installed_watcher(
-    loop: asyncio.AbstractEventLoop,
-    watcher: Any,
-    transport_class: type[Any],
-    protocol: asyncio.SubprocessProtocol,
-    args: Any,
-    shell: bool,
-    stdin: Any,
-    stdout: Any,
-    stderr: Any,
-    bufsize: int,
-    extra: dict[str, Any] | None,
-    **kwargs: Any,
-) -> asyncio.SubprocessTransport:
-    """As asyncio's Unix loop does with the policy's watcher."""
-    with watcher as entered:
-        if sys.version_info < (3, 12):
-            watcher = entered  # 3.11 uses what __enter__ returns (the same object, unmocked)
-        if not watcher.is_active():
-            # Refused before the child exists: nothing would ever report its exit.
-            raise RuntimeError(
-                "the installed child watcher is not active (asyncio.set_child_watcher()): "
-                "subprocesses cannot be watched"
-            )
-        waiter = loop.create_future()
-        transport = transport_class(
+    def spawn(waiter: asyncio.Future[Any]) -> Any:
+        return transport_class(
             loop,
             protocol,
             args,
@@ -206,6 +148,34 @@ async def _with_installed_watcher(
             extra=extra,
             **kwargs,
         )
+
+    installed = _private.installed_child_watcher(asyncio.get_event_loop_policy())
+    if installed is not None:
+        return await _with_installed_watcher(loop, installed, spawn)
+    waiter = loop.create_future()
+    transport = spawn(waiter)
+    children.watch(transport.get_pid(), transport._process_exited)
+    await _connected(transport, waiter)
+    return transport  # type: ignore[no-any-return]
+
+
+async def _with_installed_watcher(
+    loop: asyncio.AbstractEventLoop,
+    watcher: Any,
+    spawn: Callable[[asyncio.Future[Any]], Any],
+) -> asyncio.SubprocessTransport:
+    """As asyncio's Unix loop does with the policy's watcher."""
+    with watcher as entered:
+        if sys.version_info < (3, 12):
+            watcher = entered  # 3.11 uses what __enter__ returns (the same object, unmocked)
+        if not watcher.is_active():
+            # Refused before the child exists: nothing would ever report its exit.
+            raise RuntimeError(
+                "the installed child watcher is not active (asyncio.set_child_watcher()): "
+                "subprocesses cannot be watched"
+            )
+        waiter = loop.create_future()
+        transport = spawn(waiter)
 
         def exited(pid: int, returncode: int, transport: Any) -> None:
             loop.call_soon_threadsafe(transport._process_exited, returncode)
