@@ -48,28 +48,11 @@ re-arms its receive between two dequeues instead (:meth:`IocpEngine.new_iteratio
 iocp_echo's own loop as its next dequeue starts, or from a loop callback on CPython's
 ``ProactorEventLoop``), so the dequeue runs dry and returns.
 
-Batched receives.  A connection that delivered data re-arms its receive between two dequeues
-too, never from that completion.  Ordering first: ``_poll`` dequeues until the port is empty,
-so a receive issued from a completion may complete in that same dequeue, bringing the peer's
-answer to what the protocol just did (its reply, then the peer's close) before the loop ran
-the callbacks already scheduled.  asyncio's own transports issue the next receive from a loop
-callback, so a protocol gets at most one read per connection per loop iteration, and code
-relies on it: CPython's test_connect_accepted_socket, whose ``connection_lost`` stops the
-loop, hung when data, EOF and ``connection_lost`` all came before ``run_until_complete``'s
-own stop (one ``loop.stop()`` then consumed the other).  Cost next: by the next dequeue a
-BUSY connection's client has usually answered the echo, and a receive that finds data
-completes at once, which costs Wine far less than one that must wait (measured, 1 KiB x 20
-under Wine: 69 instead of 87 µs of server CPU per echo); the echo's send is usually done by
-then as well, and its buffer becomes the next receive's, with no trip through the pool.
-A receive that delivered nothing (a zero-byte receive woken for nothing, the sweep's cancel)
-re-arms at once.
-
-Errors.  A receive or send that fails because the peer reset the connection completes with
-``ERROR_NETNAME_DELETED`` (and one cancelled with its socket with ``ERROR_OPERATION_ABORTED``),
-which Python maps to no ``OSError`` subclass.  ``IocpProactor`` raises ``ConnectionResetError``
-for both, and asyncio's transports hand that to ``connection_lost``; code catches it as a
-``ConnectionError`` (``StreamWriter.wait_closed()`` callers, TLS shutdown), so the engine's
-connections report the same class (:func:`_connection_error`).
+Batched receives.  A BUSY connection re-arms its receive between two dequeues too, not from
+its completion: by then its client has usually answered the echo, and a receive that finds
+data completes at once, which costs Wine far less than one that must wait (measured, 1 KiB x
+20 under Wine: 69 instead of 87 µs of server CPU per echo).  The echo's send is usually done
+by then as well, and its buffer becomes the next receive's, with no trip through the pool.
 
 Closing the loop.  ``IocpProactor.close()`` cancels every cached operation and polls until the
 cache is empty; the first ``cancel()`` of an engine entry marks the engine stopped, and a
@@ -108,7 +91,6 @@ SHRINK_AFTER = 4
 #: Completions handled inline per loop iteration before re-arms wait for the loop.
 COMPLETIONS_PER_ITERATION = 64
 _ERROR_OPERATION_ABORTED = 995
-_ERROR_NETNAME_DELETED = 64
 _NULL = 0
 _EMPTY = bytearray(0)
 
@@ -140,15 +122,6 @@ class _CacheEntry:
         self.transport._fatal_error(exc, "unexpected error in a completion callback")
 
 
-def _connection_error(exc: OSError) -> OSError:
-    """*exc* as asyncio's proactor reports it: the two Windows errors that mean the connection
-    is gone become ``ConnectionResetError`` (see "Errors"), the Windows code kept."""
-    winerror = getattr(exc, "winerror", None)
-    if winerror in (_ERROR_NETNAME_DELETED, _ERROR_OPERATION_ABORTED):
-        return ConnectionResetError(exc.errno, exc.strerror, None, winerror)
-    return exc
-
-
 def describe_entry(entry: object, ov: Any) -> tuple[str, str, int, float] | None:
     """``(kind, state, nbytes, started)`` of an engine operation in IocpProactor's cache,
     or None when the entry is not the engine's."""
@@ -166,8 +139,7 @@ class IocpEngine:
 
     #: Accepts stay the server's AcceptEx loop (one operation each: no multishot on IOCP).
     accepts = False
-    #: After a delivery, a connection's next receive waits for the end of the dequeue
-    #: ("Batched receives").
+    #: A BUSY connection's next receive waits for the end of the dequeue ("Batched receives").
     batch_reads = True
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, max_read: int) -> None:
@@ -342,7 +314,7 @@ class IocpTransport(CompletionTransport):
             self._hold(END_OF_STREAM)
             return
         except OSError as exc:
-            self._fatal_error(_connection_error(exc), "WSARecvInto failed")
+            self._fatal_error(exc, "WSARecvInto failed")
             return
         self._read_ov = ov
         self._read_started = time.monotonic()
@@ -366,7 +338,7 @@ class IocpTransport(CompletionTransport):
             self._hold(END_OF_STREAM)
             return
         except OSError as exc:
-            self._fatal_error(_connection_error(exc), "WSARecvInto failed")
+            self._fatal_error(exc, "WSARecvInto failed")
             return
         self._read_ov = ov
         self._read_started = time.monotonic()
@@ -407,7 +379,7 @@ class IocpTransport(CompletionTransport):
                 self._read_quietly()
                 return
             self._release_read_buffer()
-            self._arrived(_connection_error(exc))
+            self._arrived(exc)
             return
         self._quieting = False
         if self._closing or self._engine.stopped:
@@ -470,14 +442,14 @@ class IocpTransport(CompletionTransport):
             if self._read_ov is None:
                 self._release_read_buffer()  # nothing will read into it for now
             return
-        # The next receive, between two dequeues (IocpEngine.new_iteration: see "Batched
-        # receives" and "Fairness").  Written out here: it is every echo's path, and each
-        # Python call costs.
+        # The next receive, at once while this loop iteration's budget lasts (see
+        # "Fairness"), else from the loop (IocpEngine.new_iteration).  Written out here:
+        # it is every echo's path, and each Python call costs.
         budget = engine.budget
         if budget == COMPLETIONS_PER_ITERATION and engine.renew_by_callback:
             engine.loop.call_soon(engine.new_iteration)
         engine.budget = budget - 1
-        if budget <= 0 or engine.batch_reads:
+        if budget <= 0 or (self._busy and engine.batch_reads):
             engine.deferred.append(self)
         elif self._busy:
             self._read_busily()
@@ -552,7 +524,7 @@ class IocpTransport(CompletionTransport):
             ov.WSASend(self._fileno, data, 0)
         except OSError as exc:
             self._give_back_sent(held)
-            self._fatal_error(_connection_error(exc), "WSASend failed")
+            self._fatal_error(exc, "WSASend failed")
             return
         self._send_ov = ov
         self._send_held = held
@@ -571,7 +543,7 @@ class IocpTransport(CompletionTransport):
         except OSError as exc:
             self._give_back_sent(held)
             if not self._conn_lost:
-                self._fatal_error(_connection_error(exc), "send failed")
+                self._fatal_error(exc, "send failed")
             return
         rest = bytes(memoryview(held)[sent:size]) if sent < size else b""
         self._give_back_sent(held)
