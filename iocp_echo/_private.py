@@ -513,21 +513,20 @@ def ssl_protocol_class() -> type[asyncio.BufferedProtocol]:
     from asyncio import sslproto
 
     cls = getattr(sslproto, "SSLProtocol", None)
-    if not isinstance(cls, type) or not hasattr(cls, "_app_transport"):
-        init_names = getattr(getattr(cls, "__init__", None), "__code__", None)
-        if init_names is None or "_app_transport" not in init_names.co_names:
-            raise InternalsUnavailable("asyncio.sslproto.SSLProtocol has another shape")
+    init = getattr(getattr(cls, "__init__", None), "__code__", None)
+    if not isinstance(cls, type) or init is None or "_app_transport" not in init.co_names:
+        raise InternalsUnavailable("asyncio.sslproto.SSLProtocol has another shape")
     return cls  # type: ignore[return-value]
 
 
 def sendfile_mode(name: str) -> Any:
     """A member of ``asyncio.constants._SendfileMode``: what ``loop.sendfile()`` reads from
     a transport's ``_sendfile_compatible`` to choose the native path, the fallback, or
-    neither.  ``None`` (read as "unsupported") when asyncio has no such member."""
+    neither.  ``None`` when asyncio has no such member: ``loop.sendfile()`` then takes its
+    fallback (it tests for the members by identity)."""
     from asyncio import constants
 
-    mode = getattr(getattr(constants, "_SendfileMode", None), name, None)
-    return mode
+    return getattr(getattr(constants, "_SendfileMode", None), name, None)
 
 
 def flow_control_transport() -> type[asyncio.Transport]:
