@@ -27,6 +27,7 @@ import socket
 from typing import Any
 
 from . import introspection
+from ._proxy_receiver import HeaderReader, read_header
 from ._server_state import Connection, ServerState
 from ._stock import StockConnection
 from .errors import os_error_code
@@ -158,6 +159,11 @@ class Accepting(ServerState):
         if self._closing:
             conn.close()
             return
+        proxy = self._proxy
+        if proxy is not None and address not in proxy.trusted:
+            proxy.refused("untrusted", address, f"the source is not in proxy_from {proxy.trusted}")
+            conn.close()
+            return
         if self._max_connections is not None and len(self._connections) >= self._max_connections:
             self._refused += 1
             self._log.log(
@@ -178,6 +184,8 @@ class Accepting(ServerState):
             return
         try:
             protocol = self._protocol_factory()
+            if proxy is not None:
+                protocol = HeaderReader(protocol, proxy)
             transport = self._engine.connect(
                 conn,
                 protocol,
@@ -197,7 +205,15 @@ class Accepting(ServerState):
     async def _set_up_stock(self, conn: socket.socket, address: Any) -> None:
         """Wrap an accepted socket in asyncio's proactor transport (TLS, or no engine)."""
         connection: StockConnection | None = None
+        proxied = False
         try:
+            if self._proxy is not None:
+                header = await read_header(conn, address, self._proxy)
+                if header is None:
+                    conn.close()
+                    return
+                proxied = header.source is not None
+                address = header.source or address
             connection = StockConnection(
                 self._protocol_factory(),
                 sock=conn,
@@ -205,6 +221,7 @@ class Accepting(ServerState):
                 max_read=self._max_read,
                 write_high_water=self._write_high_water,
                 owner=self,
+                proxied=proxied,
             )
             self._connections.add(connection)
             self._no_connections.clear()

@@ -19,6 +19,7 @@ from typing import Any
 
 from ._backend import Backend, Engine
 from ._logflood import LogLimiter
+from ._proxy_receiver import ProxyPolicy
 from ._stock import StockConnection
 from ._transport import CompletionTransport
 
@@ -46,8 +47,12 @@ class ServerState:
     _idle_timeout: float | None
     _ssl: _ssl.SSLContext | None
     _write_high_water: int
+    #: None: connections start with the client's own bytes, no PROXY header.
+    _proxy: ProxyPolicy | None
     # Its life.
     _closing: bool
+    #: Not ready any more (``/readyz``), still serving: see ``EchoServer.start_draining``.
+    _draining: bool
     #: Lines a client can cause are rate-limited per kind; stats keep exact counts.
     _log: LogLimiter
     _accept_tasks: list[asyncio.Task[None]]

@@ -42,6 +42,9 @@ class ServerStats:
     pending_by_state: dict[str, int] = field(default_factory=dict)
     oldest_pending_age: float = 0.0
     pending_unavailable: str | None = None
+    #: With ``proxy_protocol``: connections by what became of their PROXY header (see
+    #: ``proxy_protocol.OUTCOMES``; every outcome present); empty without.
+    proxy_headers: dict[str, int] = field(default_factory=dict)
 
 
 class Reporting(ServerState):
@@ -69,6 +72,7 @@ class Reporting(ServerState):
             pending_by_state=pending["by_state"],
             oldest_pending_age=pending["oldest_age"],
             pending_unavailable=unavailable,
+            proxy_headers={} if self._proxy is None else dict(self._proxy.outcomes),
         )
 
     def pending_operations(self) -> list[introspection.PendingOperation]:

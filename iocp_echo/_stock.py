@@ -37,6 +37,7 @@ class StockConnection(asyncio.BufferedProtocol):
         max_read: int,
         write_high_water: int,
         owner: ConnectionOwner,
+        proxied: bool = False,
     ) -> None:
         self.protocol = protocol
         self.transport: asyncio.Transport | None = None
@@ -51,6 +52,8 @@ class StockConnection(asyncio.BufferedProtocol):
         self._write_high_water = write_high_water
         self._owner = owner
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        #: A PROXY header named the client: *peer* is it, not the socket's peer (the balancer).
+        self._proxied = proxied
         self._buffer: memoryview | None = None
 
     # -- what the server reads --------------------------------------------------------------
@@ -101,7 +104,8 @@ class StockConnection(asyncio.BufferedProtocol):
                         "cannot bound reads to max_read=%d bytes: %s", self._max_read, exc
                     )
         transport.set_write_buffer_limits(high=self._write_high_water)
-        self.peer = transport.get_extra_info("peername") or self.peer
+        if not self._proxied:
+            self.peer = transport.get_extra_info("peername") or self.peer
         self.protocol.connection_made(transport)
 
     def get_buffer(self, sizehint: int) -> Any:

@@ -46,6 +46,8 @@ class Sweeping(ServerState):
         if self._closing:
             return
         self._log.flush()
+        if self._proxy is not None:
+            self._proxy.flush()
         now = time.monotonic()
         if self._engine is not None:
             self._engine.sweep(now)

@@ -112,6 +112,7 @@ class CompletionTransport(_BASE):  # type: ignore[misc,valid-type]
         "_owner",
         "_peer",
         "_protocol",
+        "_proxy",
         "_queue",
         "_queued",
         "_read_ended",
@@ -150,6 +151,8 @@ class CompletionTransport(_BASE):  # type: ignore[misc,valid-type]
         self._sock = sock
         self._fileno = sock.fileno()
         self._peer = peer
+        #: (the PROXY header, the balancer's address) once a header named the client.
+        self._proxy: tuple[Any, Any] | None = None
         self._protocol: asyncio.BaseProtocol = protocol
         self._max_read = max_read
         self._owner = owner
@@ -190,6 +193,8 @@ class CompletionTransport(_BASE):  # type: ignore[misc,valid-type]
                 return default
         if name == "socket":
             return self._sock
+        if name in ("proxy_header", "proxy_peername") and self._proxy is not None:
+            return self._proxy[0] if name == "proxy_header" else self._proxy[1]
         return default
 
     def is_closing(self) -> bool:
@@ -313,6 +318,23 @@ class CompletionTransport(_BASE):  # type: ignore[misc,valid-type]
             self._last_traffic = traffic
             self.last_activity = now
         return self.last_activity
+
+    def _hand_over(self, protocol: asyncio.BaseProtocol, header: Any, rest: bytes) -> None:
+        """A PROXY header was read (``_proxy_receiver.HeaderReader``): the client it names
+        is this connection's peer from now on, *protocol* takes the connection
+        (``connection_made`` now), and *rest*, what followed the header in the same read, is
+        its first data, delivered before anything read later and never while it pauses."""
+        self._proxy = (header, self._peer)
+        if header.source is not None:
+            self._peer = header.source
+        if self._extra is not None:  # a loop's transport keeps asyncio's extras in a dict
+            self._extra.update(
+                peername=self._peer, proxy_header=header, proxy_peername=self._proxy[1]
+            )
+        self.set_protocol(protocol)
+        protocol.connection_made(self)
+        if rest and not self._closing:
+            self._hold(rest, first=True)
 
     # -- what a backend implements ----------------------------------------------------------
 

@@ -30,11 +30,13 @@ from ._accepting import ACCEPT_ERROR_BACKOFF as ACCEPT_ERROR_BACKOFF
 from ._accepting import ACCEPTS_IN_FLIGHT as ACCEPTS_IN_FLIGHT
 from ._accepting import Accepting
 from ._logflood import LogLimiter
+from ._proxy_receiver import ProxyPolicy
 from ._server_stats import Reporting, ServerStats
 from ._sweeping import Sweeping
 from ._transport import DEFAULT_WRITE_HIGH_WATER
 from .listeners import format_address, open_listeners, validate_port, validate_positive
 from .protocol import DEFAULT_MAX_READ, EchoProtocol
+from .proxy_protocol import DEFAULT_HEADER_TIMEOUT, DEFAULT_TRUSTED, TrustedSources
 
 __all__ = ["EchoServer", "ServerStats", "serve", "serve_echo"]
 
@@ -62,6 +64,9 @@ async def serve(
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     sock: socket.socket | Sequence[socket.socket] | None = None,
     accept: bool = True,
+    proxy_protocol: bool = False,
+    proxy_from: str | Sequence[str] = DEFAULT_TRUSTED,
+    proxy_header_timeout: float = DEFAULT_HEADER_TIMEOUT,
 ) -> EchoServer:
     """Serve any asyncio protocol on the running proactor loop; return the server, accepting.
 
@@ -78,6 +83,12 @@ async def serve(
     pause; *shutdown_timeout* bounds how long :meth:`EchoServer.wait_closed` lets in-flight
     writes drain.  *sock* serves sockets already listening (one, or several: one server and
     one ``max_connections`` for all of them) instead of opening *host*:*port*.
+
+    *proxy_protocol* makes every connection start with a PROXY protocol header (version 1 or
+    2, as HAProxy, nginx, Envoy and cloud load balancers send it), accepted only from the
+    networks in *proxy_from* (CIDRs; loopback by default) and only if complete within
+    *proxy_header_timeout* seconds; the client it names replaces the balancer as the
+    connection's peer everywhere.  See :mod:`iocp_echo.proxy_protocol`.
     """
     port = validate_port(port)
     if not callable(protocol_factory):
@@ -90,6 +101,8 @@ async def serve(
     validate_positive("shutdown_timeout", shutdown_timeout, allow_none=False, kind=float)
     if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
         raise TypeError(f"ssl must be an ssl.SSLContext or None, got {ssl!r}")
+    validate_positive("proxy_header_timeout", proxy_header_timeout, allow_none=False, kind=float)
+    trusted = TrustedSources(proxy_from) if proxy_protocol else None
     backend = _platform.backend()
     loop = asyncio.get_running_loop()
     _platform.require_proactor(loop)
@@ -115,6 +128,8 @@ async def serve(
         write_high_water=write_high_water,
         shutdown_timeout=shutdown_timeout,
     )
+    if trusted is not None:
+        server._proxy = ProxyPolicy(loop, trusted, proxy_header_timeout)
     server._start(accept=accept)
     return server
 
@@ -131,6 +146,9 @@ async def serve_echo(
     write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     sock: socket.socket | None = None,
+    proxy_protocol: bool = False,
+    proxy_from: str | Sequence[str] = DEFAULT_TRUSTED,
+    proxy_header_timeout: float = DEFAULT_HEADER_TIMEOUT,
 ) -> EchoServer:
     """Start an echo server on the running proactor loop: :func:`serve` with
     :class:`EchoProtocol`.  See :func:`serve` for the arguments and the errors raised."""
@@ -147,6 +165,9 @@ async def serve_echo(
         write_high_water=write_high_water,
         shutdown_timeout=shutdown_timeout,
         sock=sock,
+        proxy_protocol=proxy_protocol,
+        proxy_from=proxy_from,
+        proxy_header_timeout=proxy_header_timeout,
     )
 
 
@@ -184,6 +205,8 @@ class EchoServer(Accepting, Reporting, Sweeping):
         self._no_connections = asyncio.Event()
         self._no_connections.set()
         self._closing = False
+        self._draining = False
+        self._close_requested = asyncio.Event()
         self._closed = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
         self._sweep_handle = None
@@ -194,6 +217,7 @@ class EchoServer(Accepting, Reporting, Sweeping):
         self._closed_bytes_out = 0
         self._errors = Counter()
         self._log = LogLimiter(logger)
+        self._proxy = None
         self._local = listeners[0].getsockname()
         # Connections already closed, kept weakly (an operation in flight keeps them alive) so
         # that pending_operations() still sees their cancelled I/O until the kernel returns it.
@@ -242,6 +266,49 @@ class EchoServer(Accepting, Reporting, Sweeping):
     def is_serving(self) -> bool:
         return not self._closing
 
+    @property
+    def draining(self) -> bool:
+        """Draining (:meth:`start_draining`): still serving, but no longer ready."""
+        return self._draining
+
+    def readiness(self) -> str:
+        """``"ready"`` to take connections, else why not: ``"closing"``, ``"draining"``, or
+        ``"full"`` (``max_connections`` open).  What ``GET /readyz`` answers."""
+        if self._closing:
+            return "closing"
+        if self._draining:
+            return "draining"
+        if self._max_connections is not None and len(self._connections) >= self._max_connections:
+            return "full"
+        return "ready"
+
+    def is_ready(self) -> bool:
+        """Should a load balancer send new connections here?  See :meth:`readiness`."""
+        return self.readiness() == "ready"
+
+    def start_draining(self) -> None:
+        """Say "not ready" (``/readyz`` answers 503) while still serving and accepting, so that
+        a load balancer's health check takes this server out before it stops accepting."""
+        if not self._draining and not self._closing:
+            self._draining = True
+            logger.info(
+                "draining: not ready any more, still serving %s", format_address(self._local)
+            )
+
+    async def shutdown(self, drain_seconds: float = 0.0) -> None:
+        """Stop gracefully: :meth:`start_draining`, keep serving and accepting for
+        *drain_seconds* (cut short by :meth:`close`), then close and :meth:`wait_closed`."""
+        if drain_seconds < 0:
+            raise ValueError(f"drain_seconds must be 0 or more, got {drain_seconds}")
+        self.start_draining()
+        if drain_seconds > 0 and not self._closing:
+            try:
+                await asyncio.wait_for(self._close_requested.wait(), drain_seconds)
+            except TimeoutError:
+                pass
+        self.close()
+        await self.wait_closed()
+
     def snapshot(self) -> dict[str, Any]:
         """Everything known about the server now, ready for ``json.dumps``."""
         try:
@@ -257,6 +324,8 @@ class EchoServer(Accepting, Reporting, Sweeping):
                 "engine": self.engine_name,
                 "python": sys.version.split()[0],
                 "serving": self.is_serving(),
+                "readiness": self.readiness(),
+                "proxy_protocol": self._proxy is not None,
             },
             "stats": dataclasses.asdict(self.stats()),
             "operations": operations,
@@ -269,6 +338,7 @@ class EchoServer(Accepting, Reporting, Sweeping):
         if self._closing:
             return
         self._closing = True
+        self._close_requested.set()
         # The task first: a second Ctrl-C (KeyboardInterrupt) landing in the middle of the
         # steps below must not leave a server that is closing with nothing to finish the job.
         self._shutdown_task = self._loop.create_task(self._shutdown())
@@ -352,6 +422,8 @@ class EchoServer(Accepting, Reporting, Sweeping):
                 await self._no_connections.wait()
             await self._drain_operations()
             self._log.flush(force=True)
+            if self._proxy is not None:
+                self._proxy.flush(force=True)
             if self._engine is not None:
                 self._engine.close()
         finally:
