@@ -110,6 +110,7 @@ class Snapshot(TypedDict):
     operations_total: int
     operations_unavailable: str | None
     serving: bool
+    readiness: str
 
 
 class SnapshotReply(TypedDict):
@@ -161,4 +162,5 @@ def snapshot_of(server: EchoServer, limit: int) -> Snapshot:
         "operations_total": len(found),
         "operations_unavailable": unavailable,
         "serving": server.is_serving(),
+        "readiness": server.readiness(),
     }

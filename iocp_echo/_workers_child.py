@@ -57,7 +57,8 @@ from ._worker_protocol import (
     snapshot_of,
 )
 from .protocol import DEFAULT_MAX_READ, EchoProtocol
-from .server import DEFAULT_SHUTDOWN_TIMEOUT, serve
+from .proxy_protocol import DEFAULT_HEADER_TIMEOUT, DEFAULT_TRUSTED
+from .server import DEFAULT_SHUTDOWN_TIMEOUT, EchoServer, serve
 
 __all__ = ["main"]
 
@@ -82,9 +83,14 @@ class _Channel:
 
 
 async def _serve(
-    config: dict[str, Any], listeners: list[socket.socket], out: _Channel, stopped: asyncio.Event
+    config: dict[str, Any],
+    listeners: list[socket.socket],
+    out: _Channel,
+    stopped: asyncio.Event,
+    terminated: asyncio.Event,
 ) -> None:
-    """Serve until *stopped* is set (by the parent's ``stop``, its end, or SIGTERM)."""
+    """Serve until *stopped* is set (by the parent's ``stop`` or its end), or, after
+    *terminated* (this worker's own SIGTERM), for ``drain_seconds`` more while not ready."""
     loop = asyncio.get_running_loop()
     options = dict(config["options"])
     handed = HANDS_OUT  # the parent accepts and hands connections over
@@ -97,6 +103,9 @@ async def _serve(
             idle_timeout=options.get("idle_timeout"),
             write_high_water=int(options.get("write_high_water", DEFAULT_WRITE_HIGH_WATER)),
             shutdown_timeout=float(options.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)),
+            proxy_protocol=bool(options.get("proxy_protocol", False)),
+            proxy_from=options.get("proxy_from", DEFAULT_TRUSTED),
+            proxy_header_timeout=float(options.get("proxy_header_timeout", DEFAULT_HEADER_TIMEOUT)),
             # Linux: all this worker's listeners (one per address family), one server, one
             # share of max_connections.  Windows: the parent accepts; the first listener
             # only names the address in logs.
@@ -148,7 +157,7 @@ async def _serve(
         )
     )
     try:
-        await stopped.wait()
+        await _until_stopped(server, stopped, terminated, float(options.get("drain_seconds", 0)))
     finally:
         server.close()
         for listener in listeners[1:] if handed else ():
@@ -156,18 +165,36 @@ async def _serve(
         await server.wait_closed()
 
 
+async def _until_stopped(
+    server: EchoServer, stopped: asyncio.Event, terminated: asyncio.Event, drain_seconds: float
+) -> None:
+    """Wait for the parent's stop; a SIGTERM of our own first drains for *drain_seconds*
+    (not ready, still serving; the parent's stop cuts it short), as the parent would."""
+    stop = asyncio.ensure_future(stopped.wait())
+    term = asyncio.ensure_future(terminated.wait())
+    try:
+        await asyncio.wait({stop, term}, return_when=asyncio.FIRST_COMPLETED)
+        if not stopped.is_set() and drain_seconds > 0:
+            server.start_draining()
+            await asyncio.wait({stop}, timeout=drain_seconds)
+    finally:
+        stop.cancel()
+        term.cancel()
+
+
 async def _run(config: dict[str, Any], listeners: list[socket.socket], out: _Channel) -> None:
     """:func:`_serve`, stopping gracefully on SIGTERM too (POSIX; see the module docstring)."""
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
+    sigterm = asyncio.Event()
     if sys.platform == "win32":
-        await _serve(config, listeners, out, stopped)
+        await _serve(config, listeners, out, stopped, sigterm)
         return
 
     def terminated() -> None:
-        if not stopped.is_set():
+        if not sigterm.is_set():
             logger.info("SIGTERM: stopping gracefully")
-            stopped.set()
+            sigterm.set()
 
     def handler(signum: int, frame: object) -> None:
         # In the main thread between two bytecodes: only schedule the stop.
@@ -178,7 +205,7 @@ async def _run(config: dict[str, Any], listeners: list[socket.socket], out: _Cha
     if _terminated.is_set():  # SIGTERM came before the loop ran
         terminated()
     try:
-        await _serve(config, listeners, out, stopped)
+        await _serve(config, listeners, out, stopped, sigterm)
     finally:
         # Drained: a SIGTERM from now on (a service manager signalling every process just as
         # the parent's stop let this one finish) has nothing left to stop.  Ignored, not the

@@ -42,6 +42,14 @@ class Pool(Protocol):
 
     def is_serving(self) -> bool: ...
 
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def max_connections(self) -> int | None: ...
+
+    def ready_workers(self) -> int: ...
+
     def collect(self, max_age: float = 0.0) -> list[dict[str, Any]]:
         """Every worker's entry: ``worker``, ``pid``, ``state``, ``restarts``, ``stats``,
         ``error``, and ``snapshot`` when it answered (see ``WorkerPool.collect``)."""
@@ -125,6 +133,7 @@ def _sum_stats(entries: list[dict[str, Any]]) -> WorkersStats:
         pending_by_state=totals.get("pending_by_state", {}),
         oldest_pending_age=totals.get("oldest_pending_age", 0.0),
         pending_unavailable="; ".join(unavailable) or None,
+        proxy_headers=totals.get("proxy_headers", {}),
         workers=public,
     )
 
@@ -156,6 +165,30 @@ class WorkersView:
 
     def is_serving(self) -> bool:
         return self._pool.is_serving()
+
+    @property
+    def draining(self) -> bool:
+        return self._pool.draining
+
+    def readiness(self) -> str:
+        """As :meth:`EchoServer.readiness <iocp_echo.EchoServer.readiness>`, for the pool:
+        ``"starting"`` too, while no worker is ready; ``"full"`` when the workers' open
+        connections reach ``max_connections`` (asked of them at most once a second)."""
+        if not self._pool.is_serving():
+            return "closing"
+        if self._pool.draining:
+            return "draining"
+        if not self._pool.ready_workers():
+            return "starting"
+        limit = self._pool.max_connections
+        if limit is not None:
+            entries = self._pool.collect(max_age=1.0)
+            if sum(e["stats"]["open_connections"] for e in entries if e["stats"]) >= limit:
+                return "full"
+        return "ready"
+
+    def is_ready(self) -> bool:
+        return self.readiness() == "ready"
 
     def stats(self) -> WorkersStats:
         return _sum_stats(self._pool.collect())
@@ -195,6 +228,7 @@ class WorkersView:
                 "backend": self.backend_name,
                 "python": sys.version.split()[0],
                 "serving": self.is_serving(),
+                "readiness": self.readiness(),
             },
             "stats": dataclasses.asdict(stats),
             "operations": [op.as_dict() for op in self.pending_operations()],

@@ -1,12 +1,20 @@
-"""A read-only view of a running server for people: periodic summaries, stuck-operation
-warnings, and a local HTTP endpoint serving the server's stats and oldest pending operations
-as JSON.
+"""A read-only view of a running server for people and machines: periodic summaries,
+stuck-operation warnings, and a small HTTP endpoint:
 
-The endpoint binds 127.0.0.1 only, because what it serves (peer addresses) is nobody else's
-business.  Binding to loopback does not keep a web page out, though: a page on a domain that
-re-resolves to 127.0.0.1 ("DNS rebinding") can read any loopback HTTP server that answers
-whatever ``Host`` it is asked for.  So a request is answered only when its ``Host`` is a
-loopback name, which such a page cannot send.
+- ``GET /`` (or ``/snapshot``): the server's stats and oldest pending operations as JSON;
+- ``GET /healthz``: 200 while the process answers at all (liveness);
+- ``GET /readyz``: 200 while the server wants new connections, 503 once it is draining,
+  closing, or at ``max_connections`` (what a load balancer's health check asks);
+- ``GET /metrics``: the same counters in Prometheus' text format (``metrics.py``).
+
+``GET /`` lists peer addresses, which are nobody else's business: it is answered only to a
+client on this machine, and only when the request's ``Host`` is a loopback name.  The second
+rule keeps web pages out: a page on a domain that re-resolves to 127.0.0.1 ("DNS rebinding")
+can read any loopback HTTP server that answers whatever ``Host`` it is asked for, and such a
+page cannot send a loopback ``Host``.  The other three paths reveal no address, and their
+clients (a balancer's health check, Kubernetes' probes, Prometheus) send any ``Host`` or none:
+they are answered whatever the ``Host``.  The endpoint binds 127.0.0.1 by default; bind it
+elsewhere (``host=``, ``--admin-host``) for probes and scrapes from other machines.
 
 The endpoint must never hold up the server it describes:
 
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import json
 import logging
 import re
@@ -34,7 +43,7 @@ import urllib.parse
 import weakref
 from typing import Any
 
-from . import introspection
+from . import introspection, metrics
 from ._logflood import LogLimiter
 from .errors import os_error_code
 from .server import EchoServer, serve
@@ -169,8 +178,9 @@ class AdminEndpoint:
     connection, never the endpoint's listening socket (CPython gh-93821).
     """
 
-    def __init__(self, server: EchoServer, request_timeout: float) -> None:
+    def __init__(self, server: EchoServer, request_timeout: float, host: str = "127.0.0.1") -> None:
         self._server = server
+        self._host = host
         self._timeout = request_timeout
         self._listener: EchoServer | None = None
         self._requests: set[_Request] = set()
@@ -179,7 +189,7 @@ class AdminEndpoint:
     async def _start(self, port: int) -> None:
         self._listener = await serve(
             lambda: _Request(self),
-            "127.0.0.1",
+            self._host,
             port,
             max_read=_MAX_REQUEST_HEAD,
             shutdown_timeout=self._timeout,
@@ -228,8 +238,9 @@ class AdminEndpoint:
         self.close()
         await self.wait_closed()
 
-    async def _answer(self, head: bytes) -> bytes:
-        """The JSON body for a request *head*, or :class:`_Refusal`."""
+    async def _answer(self, head: bytes, peer: Any) -> tuple[str, str, bytes]:
+        """The status, content type and body for a request *head* from *peer*, or
+        :class:`_Refusal`."""
         lines = head[:-4].decode("latin-1").split("\r\n")
         request = lines[0].split(" ")
         if len(request) != 3 or not request[2].startswith("HTTP/1."):
@@ -241,17 +252,36 @@ class AdminEndpoint:
                 raise _Refusal("400 Bad Request", "malformed header line")
             if name.lower() == "host":
                 hosts.append(value.strip())
-        # Before anything else: a refused Host learns nothing, not even which paths exist.
-        if len(hosts) != 1 or not _is_loopback_host(hosts[0]):
-            raise _Refusal("403 Forbidden", "the Host header must be localhost, 127.0.0.1 or [::1]")
         method, target = request[0], urllib.parse.urlsplit(request[1])
-        if method != "GET":
-            raise _Refusal("405 Method Not Allowed", "only GET is served", "Allow: GET")
+        probe = target.path in _PROBES and not target.scheme and not target.netloc
+        # Before anything else: a refused Host learns nothing, not even which paths exist.
+        if not probe and (len(hosts) != 1 or not _is_loopback_host(hosts[0])):
+            raise _Refusal("403 Forbidden", "the Host header must be localhost, 127.0.0.1 or [::1]")
+        if method not in ("GET", "HEAD"):
+            raise _Refusal("405 Method Not Allowed", "only GET is served", "Allow: GET, HEAD")
+        if probe:
+            if target.query:
+                raise _Refusal("400 Bad Request", f"{target.path} takes no query")
+            return self._probe(target.path)
         if target.path not in ("/", "/snapshot") or target.scheme or target.netloc:
-            raise _Refusal("404 Not Found", "only GET / is served")
+            raise _Refusal("404 Not Found", "served: GET /, /snapshot, /healthz, /readyz, /metrics")
+        if not _is_loopback_peer(peer):
+            raise _Refusal(
+                "403 Forbidden", "the snapshot (peer addresses) is for this machine only"
+            )
         limit = _parse_limit(target.query)
         document = await self._document(limit)
-        return json.dumps(document, separators=(",", ":")).encode()
+        return "200 OK", _JSON, json.dumps(document, separators=(",", ":")).encode()
+
+    def _probe(self, path: str) -> tuple[str, str, bytes]:
+        """``/healthz``, ``/readyz``, ``/metrics``: cheap, and safe for anyone to read."""
+        if path == "/healthz":
+            return "200 OK", _TEXT, b"ok\n"
+        if path == "/readyz":
+            readiness = self._server.readiness()
+            status = "200 OK" if readiness == "ready" else "503 Service Unavailable"
+            return status, _TEXT, f"{readiness}\n".encode()
+        return "200 OK", metrics.CONTENT_TYPE, metrics.render_metrics(self._server).encode()
 
     async def _document(self, limit: int) -> dict[str, Any]:
         """The server's stats and its *limit* oldest pending operations.
@@ -269,6 +299,7 @@ class AdminEndpoint:
                 "backend": server.backend_name,
                 "python": sys.version.split()[0],
                 "serving": server.is_serving(),
+                "readiness": server.readiness(),
             },
             "stats": dataclasses.asdict(stats),
             "operations": [],
@@ -289,6 +320,12 @@ class AdminEndpoint:
         document["operations_total"] = len(operations)
         document["time"] = time.monotonic()
         return document
+
+
+_JSON = "application/json"
+_TEXT = "text/plain; charset=utf-8"
+#: The paths answered to any client and any Host: they reveal no peer address.
+_PROBES = ("/healthz", "/readyz", "/metrics")
 
 
 class _Request(asyncio.Protocol):
@@ -366,11 +403,11 @@ class _Request(asyncio.Protocol):
     async def _answer(self, head: bytes) -> None:
         transport = self._transport
         assert transport is not None
-        status, headers = "200 OK", tuple[str, ...]()
+        headers = tuple[str, ...]()
         try:
-            body = await self._endpoint._answer(head)
+            status, content_type, body = await self._endpoint._answer(head, self._peer)
         except _Refusal as refusal:
-            status, headers = refusal.status, refusal.headers
+            status, content_type, headers = refusal.status, _JSON, refusal.headers
             body = json.dumps({"error": str(refusal)}).encode()
         except asyncio.CancelledError:
             raise  # the connection is gone
@@ -380,7 +417,10 @@ class _Request(asyncio.Protocol):
             return
         if transport.is_closing():
             return
-        transport.write(_response(status, headers, body))
+        if head.startswith(b"HEAD "):
+            transport.write(_response(status, content_type, headers, body)[: -len(body) or None])
+        else:
+            transport.write(_response(status, content_type, headers, body))
         transport.close()  # once the answer is sent (or the deadline drops it)
 
 
@@ -390,6 +430,18 @@ def _format_address(address: Any) -> str:
         host = str(address[0])
         return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
     return str(address)
+
+
+def _is_loopback_peer(peer: Any) -> bool:
+    if not isinstance(peer, tuple) or not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(str(peer[0]).partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def _is_loopback_host(value: str) -> bool:
@@ -415,10 +467,10 @@ def _parse_limit(query: str) -> int:
     return limit
 
 
-def _response(status: str, headers: tuple[str, ...], body: bytes) -> bytes:
+def _response(status: str, content_type: str, headers: tuple[str, ...], body: bytes) -> bytes:
     head = [
         f"HTTP/1.0 {status}",
-        "Content-Type: application/json",
+        f"Content-Type: {content_type}",
         f"Content-Length: {len(body)}",
         "Cache-Control: no-store",
         "X-Content-Type-Options: nosniff",
@@ -429,15 +481,22 @@ def _response(status: str, headers: tuple[str, ...], body: bytes) -> bytes:
 
 
 async def start_admin(
-    server: EchoServer, port: int = 0, *, request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    server: EchoServer,
+    port: int = 0,
+    *,
+    host: str = "127.0.0.1",
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
 ) -> AdminEndpoint:
-    """Serve *server*'s stats and pending operations as JSON on ``http://127.0.0.1:PORT/``.
+    """Serve *server*'s stats and pending operations as JSON on ``http://HOST:PORT/``, with
+    ``/healthz``, ``/readyz`` and ``/metrics`` beside them (see the module docstring).
 
-    A client gets *request_timeout* seconds for its whole request; close the endpoint with
-    ``close()`` and ``await wait_closed()`` (or use it as an async context manager).
+    *host* is 127.0.0.1 unless probes or scrapes come from other machines (``0.0.0.0`` for a
+    Kubernetes pod): ``GET /`` is answered to this machine only, wherever it listens.  A client
+    gets *request_timeout* seconds for its whole request; close the endpoint with ``close()``
+    and ``await wait_closed()`` (or use it as an async context manager).
     """
     if not request_timeout > 0:
         raise ValueError(f"request_timeout must be greater than 0, got {request_timeout}")
-    endpoint = AdminEndpoint(server, request_timeout)
+    endpoint = AdminEndpoint(server, request_timeout, host)
     await endpoint._start(port)
     return endpoint

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import signal
 import sys
+import types
 from collections.abc import Callable, Sequence
 
 from . import loops, workers
@@ -21,6 +22,7 @@ from .admin import DEFAULT_STUCK_AFTER, flush_stats_log, log_stats, start_admin
 from .errors import IocpEchoError
 from .listeners import format_address as _format_peer
 from .listeners import validate_port as _validate_port
+from .proxy_protocol import DEFAULT_TRUSTED, TrustedSources
 from .server import DEFAULT_HOST, DEFAULT_PORT, EchoServer, serve_echo
 
 __all__ = ["build_parser", "main"]
@@ -40,6 +42,23 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _not_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _networks(text: str) -> TrustedSources:
+    try:
+        return TrustedSources(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _workers(text: str) -> int:
@@ -113,6 +132,39 @@ def build_parser() -> argparse.ArgumentParser:
         "for 'iocp-echo inspect' (default: off; 0 picks a free port)",
     )
     parser.add_argument(
+        "--admin-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the admin endpoint listens on (default: %(default)s); use 0.0.0.0 for "
+        "probes and scrapes from other machines: /healthz, /readyz and /metrics are then "
+        "answered to anyone, the snapshot (GET /) still to this machine only",
+    )
+    parser.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="every connection starts with a PROXY protocol header (v1 or v2, as HAProxy's "
+        "send-proxy, nginx's proxy_protocol, Envoy and cloud load balancers send it); the "
+        "client it names replaces the balancer's address in logs, stats and the admin endpoint",
+    )
+    parser.add_argument(
+        "--proxy-from",
+        type=_networks,
+        default=TrustedSources(DEFAULT_TRUSTED),
+        metavar="CIDR[,CIDR]",
+        help="with --proxy-protocol, the networks allowed to send PROXY headers; connections "
+        "from anywhere else are closed (default: loopback, 127.0.0.0/8,::1/128)",
+    )
+    parser.add_argument(
+        "--drain-seconds",
+        type=_not_negative,
+        default=0.0,
+        metavar="S",
+        help="on SIGTERM or Ctrl-C, first answer 503 on the admin endpoint's /readyz while "
+        "still serving and accepting for S seconds (so a load balancer's health check takes "
+        "this instance out), then stop accepting and drain; a second signal stops at once "
+        "(default: 0, stop at once)",
+    )
+    parser.add_argument(
         "--workers",
         type=_workers,
         default=1,
@@ -136,8 +188,11 @@ async def _serve(options: argparse.Namespace) -> None:
         options.port,
         max_connections=options.max_connections,
         idle_timeout=options.idle_timeout,
+        proxy_protocol=options.proxy_protocol,
+        proxy_from=options.proxy_from.networks,
     ) as server:
-        _stop_on_break(server.close)
+        stops = _Stops(server, options.drain_seconds)
+        _stop_on_break(stops.request, drain=options.drain_seconds > 0)
         print(
             f"{PROG}: listening on {_format_peer((server.host, server.port))} "
             f"(backend: {server.backend_name})",
@@ -146,9 +201,11 @@ async def _serve(options: argparse.Namespace) -> None:
         helpers: list[asyncio.Task[None]] = []
         admin = None
         if options.admin_port is not None:
-            admin = await start_admin(server, options.admin_port)
-            admin_port = admin.sockets[0].getsockname()[1]
-            print(f"{PROG}: admin snapshot on http://127.0.0.1:{admin_port}/", flush=True)
+            admin = await start_admin(server, options.admin_port, host=options.admin_host)
+            print(
+                f"{PROG}: admin snapshot on {_admin_url(options.admin_host, admin.port)}",
+                flush=True,
+            )
         if options.stats_every is not None:
             helpers.append(asyncio.create_task(_report(server, options)))
         try:
@@ -169,18 +226,61 @@ async def _report(server: EchoServer, options: argparse.Namespace) -> None:
         log_stats(server, options.stuck_after)
 
 
-def _stop_on_break(stop: Callable[[], None]) -> None:
+def _admin_url(host: str, port: int) -> str:
+    """Where to reach the admin endpoint from this machine."""
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"
+    return f"http://{_format_peer((host, port))}/"
+
+
+class _Stops:
+    """What the stop signals do: the first drains (with *drain_seconds*) or closes, the second
+    closes at once, the third (Ctrl-C only) interrupts."""
+
+    def __init__(self, server: EchoServer, drain_seconds: float) -> None:
+        self._server = server
+        self._drain_seconds = drain_seconds
+        self._count = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def request(self) -> None:
+        self._count += 1
+        if self._count == 1 and self._drain_seconds > 0:
+            print(
+                f"{PROG}: draining for {self._drain_seconds:g} s (/readyz answers 503), "
+                "then stopping; signal again to stop now",
+                file=sys.stderr,
+                flush=True,
+            )
+            self._task = asyncio.get_running_loop().create_task(
+                self._server.shutdown(self._drain_seconds)
+            )
+        else:
+            self._server.close()
+
+
+def _stop_on_break(stop: Callable[[], None], *, drain: bool = False) -> None:
     """Ctrl-Break on Windows (SIGBREAK) and SIGTERM elsewhere stop the server gracefully.
 
-    Ctrl-C needs nothing here: ``asyncio.Runner`` turns SIGINT into cancelling the main task,
-    and ``serve_forever()`` closes the server when cancelled.
+    Without *drain*, Ctrl-C needs nothing here: ``asyncio.Runner`` turns SIGINT into
+    cancelling the main task, and ``serve_forever()`` closes the server when cancelled.  With
+    *drain*, Ctrl-C drains first like the others; a third Ctrl-C interrupts outright.
     """
     loop = asyncio.get_running_loop()
+    names = ["SIGBREAK", "SIGTERM"]
+    if drain:
+        names.append("SIGINT")
+    interrupts = 0
 
-    def handler(signum: int, frame: object) -> None:
+    def handler(signum: int, frame: types.FrameType | None) -> None:
+        nonlocal interrupts
+        if signum == signal.SIGINT:
+            interrupts += 1
+            if interrupts > 2:
+                signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
         loop.call_soon_threadsafe(stop)
 
-    for name in ("SIGBREAK", "SIGTERM"):
+    for name in names:
         number = getattr(signal, name, None)
         if number is not None:
             signal.signal(number, handler)
@@ -194,6 +294,9 @@ def _serve_workers(options: argparse.Namespace, count: int) -> None:
         workers=count,
         max_connections=options.max_connections,
         idle_timeout=options.idle_timeout,
+        proxy_protocol=options.proxy_protocol,
+        proxy_from=[str(network) for network in options.proxy_from.networks],
+        drain_seconds=options.drain_seconds,
     )
 
     def ready(pool: workers.WorkerPool) -> None:
@@ -206,11 +309,12 @@ def _serve_workers(options: argparse.Namespace, count: int) -> None:
         print(f"{PROG}: {pool.workers} worker processes: {pids}", flush=True)
 
     def admin_ready(port: int) -> None:
-        print(f"{PROG}: admin snapshot on http://127.0.0.1:{port}/", flush=True)
+        print(f"{PROG}: admin snapshot on {_admin_url(options.admin_host, port)}", flush=True)
 
     pool.run(
         on_ready=ready,
         admin_port=options.admin_port,
+        admin_host=options.admin_host,
         on_admin=admin_ready,
         stats_every=options.stats_every,
         stuck_after=options.stuck_after,

@@ -15,9 +15,12 @@ back-off (:func:`restart_delay`: 0.1 s, doubling per death within :data:`CRASH_W
 :data:`CRASH_LIMIT` times within :data:`CRASH_WINDOW` seconds stops the whole server with
 :class:`WorkersFailed`, rather than restarting forever.  Ctrl-C, SIGTERM and Ctrl-Break ask
 every worker to stop gracefully (in-flight echoes drain, bounded by ``shutdown_timeout``); a
-second one kills them.  A stop signal that arrives while the pool is still starting is kept
-and acted on as soon as its loop runs.  A worker given SIGTERM itself (a service manager
-signalling every process of the service) drains the same way.  No worker outlives the parent:
+second one kills them.  With ``drain_seconds``, the first one only makes the pool not ready
+(the admin endpoint's ``/readyz`` answers 503, so a load balancer stops sending connections)
+while the workers keep serving for that long; a second one then stops them at once.  A stop
+signal that arrives while the pool is still starting is kept and acted on as soon as its loop
+runs.  A worker given SIGTERM itself (a service manager signalling every process of the
+service) drains the same way, after its own ``drain_seconds`` of not being ready.  No worker outlives the parent:
 each treats the end of its control pipe as an order to stop.
 
 The parent also answers for the workers: it asks each one over its control pipe
@@ -40,7 +43,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 from . import _platform
@@ -70,6 +73,7 @@ from .admin import DEFAULT_STUCK_AFTER, MAX_OPERATIONS_LIMIT, log_stats, start_a
 from .errors import IocpEchoError
 from .listeners import format_address, validate_port, validate_positive
 from .protocol import DEFAULT_MAX_READ
+from .proxy_protocol import DEFAULT_HEADER_TIMEOUT, DEFAULT_TRUSTED, TrustedSources
 from .server import (
     DEFAULT_BACKLOG,
     DEFAULT_HOST,
@@ -113,6 +117,10 @@ _SERVE_OPTIONS = (
     "backlog",
     "write_high_water",
     "shutdown_timeout",
+    "proxy_protocol",
+    "proxy_from",
+    "proxy_header_timeout",
+    "drain_seconds",
 )
 
 
@@ -216,6 +224,10 @@ class WorkerPool:
         backlog: int = DEFAULT_BACKLOG,
         write_high_water: int | None = None,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        proxy_protocol: bool = False,
+        proxy_from: str | Sequence[str] = DEFAULT_TRUSTED,
+        proxy_header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+        drain_seconds: float = 0.0,
     ) -> None:
         port = validate_port(port)
         count = resolve_workers(workers)
@@ -225,6 +237,12 @@ class WorkerPool:
         validate_positive("backlog", backlog, allow_none=False)
         validate_positive("write_high_water", write_high_water, allow_none=True)
         validate_positive("shutdown_timeout", shutdown_timeout, allow_none=False, kind=float)
+        validate_positive(
+            "proxy_header_timeout", proxy_header_timeout, allow_none=False, kind=float
+        )
+        if not drain_seconds >= 0:
+            raise ValueError(f"drain_seconds must be 0 or more, got {drain_seconds}")
+        trusted = TrustedSources(proxy_from)  # a bad CIDR is reported here, not by N workers
         if max_connections is not None and max_connections < count:
             raise ValueError(
                 f"max_connections={max_connections} is shared out among the {count} workers: "
@@ -235,11 +253,19 @@ class WorkerPool:
             "max_read": max_read,
             "idle_timeout": idle_timeout,
             "shutdown_timeout": shutdown_timeout,
+            "proxy_protocol": proxy_protocol,
+            "proxy_from": [str(network) for network in trusted.networks],
+            "proxy_header_timeout": proxy_header_timeout,
+            "drain_seconds": drain_seconds,
         }
         if write_high_water is not None:
             self._options["write_high_water"] = write_high_water
         self._max_connections = max_connections
         self._shutdown_timeout = shutdown_timeout
+        self._drain_seconds = drain_seconds
+        #: Not ready any more (a stop signal came with drain_seconds): workers still serve.
+        self._draining = False
+        self._drain_handle: asyncio.TimerHandle | None = None
         self._workers = [_Worker(i + 1) for i in range(count)]
         #: The listening sockets of each worker: the same ones for all (Windows), or a
         #: SO_REUSEPORT group with one set per worker (Linux; see open_listener_sets).
@@ -290,6 +316,18 @@ class WorkerPool:
     def is_serving(self) -> bool:
         return not self._stopping
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def max_connections(self) -> int | None:
+        return self._max_connections
+
+    def ready_workers(self) -> int:
+        """Workers running and ready to serve now."""
+        return sum(1 for w in self._workers if w.ready and w.state == "running")
+
     def max_connections_share(self, index: int) -> int | None:
         """Worker *index*'s part of max_connections: shared out so that the parts add up to
         the limit exactly, so the server as a whole never holds more."""
@@ -308,6 +346,7 @@ class WorkerPool:
         on_admin: Callable[[int], None] | None = None,
         stats_every: float | None = None,
         stuck_after: float = DEFAULT_STUCK_AFTER,
+        admin_host: str = "127.0.0.1",
     ) -> None:
         """Start the workers and supervise them until Ctrl-C, SIGTERM or Ctrl-Break.
 
@@ -320,7 +359,9 @@ class WorkerPool:
                 asyncio.Runner(loop_factory=self._backend.new_event_loop) as runner,
             ):
                 runner.run(
-                    self._supervise(on_ready, admin_port, on_admin, stats_every, stuck_after)
+                    self._supervise(
+                        on_ready, admin_port, on_admin, stats_every, stuck_after, admin_host
+                    )
                 )
         finally:
             self._close_listeners()
@@ -369,6 +410,7 @@ class WorkerPool:
         on_admin: Callable[[int], None] | None,
         stats_every: float | None,
         stuck_after: float,
+        admin_host: str = "127.0.0.1",
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
@@ -396,7 +438,9 @@ class WorkerPool:
                 if admin_port is not None:
                     # admin.py types its argument as EchoServer; the view has every attribute
                     # it reads (host, port, backend_name, is_serving, stats, pending_operations).
-                    admin = await start_admin(cast(EchoServer, self.view), admin_port)
+                    admin = await start_admin(
+                        cast(EchoServer, self.view), admin_port, host=admin_host
+                    )
                     if on_admin is not None:
                         on_admin(admin.port)
                 if stats_every is not None:
@@ -414,6 +458,9 @@ class WorkerPool:
                 self._kill_all()
                 await self._all_stopped.wait()
         finally:
+            if self._drain_handle is not None:
+                self._drain_handle.cancel()
+                self._drain_handle = None
             for task in helpers:
                 task.cancel()
             if self._hand_out is not None:
@@ -464,8 +511,28 @@ class WorkerPool:
             log_stats(cast(EchoServer, self.view), stuck_after)
 
     def request_stop(self, reason: str = "stop") -> None:
-        """Stop every worker gracefully; asked a second time, kill them."""
+        """Stop every worker gracefully; asked a second time, kill them.
+
+        With *drain_seconds*, the first request only makes the pool not ready (``/readyz``
+        answers 503) while the workers keep serving and accepting; the stop proper follows
+        that many seconds later, or at once when asked again meanwhile.
+        """
         assert self._stop_requested is not None and self._all_stopped is not None
+        if self._drain_handle is not None:  # asked again while draining: stop now
+            self._drain_handle.cancel()
+            self._drain_handle = None
+        elif self._drain_seconds > 0 and not self._draining and not self._stopping:
+            assert self._loop is not None
+            self._draining = True
+            logger.info(
+                "%s: draining for %g s (not ready; still serving), then stopping",
+                reason,
+                self._drain_seconds,
+            )
+            self._drain_handle = self._loop.call_later(
+                self._drain_seconds, self._drain_over, reason
+            )
+            return
         if self._stopping:
             if not self._forced and self._fatal is None and not self._all_stopped.is_set():
                 self._forced = True
@@ -487,6 +554,10 @@ class WorkerPool:
                 worker.state = "stopped"
         self._check_all_stopped()
         self._stop_requested.set()
+
+    def _drain_over(self, reason: str) -> None:
+        self._drain_handle = None
+        self.request_stop(reason)
 
     def _kill_all(self) -> None:
         for worker in self._workers:
