@@ -38,6 +38,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.fixture
+def wine_python(request: pytest.FixtureRequest) -> str:
+    """The Windows CPython version (``--wine-python X.Y``) the ``wine_cli`` tests run under."""
+    version = request.config.getoption("--wine-python")
+    assert isinstance(version, str)
+    return version
+
+
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:

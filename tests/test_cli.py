@@ -136,13 +136,6 @@ def test_ctrl_break_stops_the_server_gracefully(capsys: pytest.CaptureFixture[st
 # -- the CLI under Wine, driven from Linux ----------------------------------------------------
 
 
-@pytest.fixture
-def wine_python(request: pytest.FixtureRequest) -> str:
-    version = request.config.getoption("--wine-python")
-    assert isinstance(version, str)
-    return version
-
-
 def start_under_wine(version: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(ROOT / "tools" / "winpy.py"), "--python", version, ECHO, *args],
