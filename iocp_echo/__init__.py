@@ -24,6 +24,7 @@ from .introspection import (
 )
 from .loops import EventLoop, EventLoopPolicy, backend_name, new_event_loop, run
 from .protocol import DEFAULT_MAX_READ, EchoProtocol
+from .proxy_protocol import ProxyHeader
 from .server import EchoServer, ServerStats, serve, serve_echo
 from .workers import WorkersFailed, run_workers
 
@@ -42,6 +43,7 @@ __all__ = [
     "LendingProtocol",
     "PendingOperation",
     "ProactorRequiredError",
+    "ProxyHeader",
     "ServerStats",
     "UnsupportedPlatformError",
     "WorkersFailed",
