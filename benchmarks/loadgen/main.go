@@ -9,7 +9,8 @@
 //
 //	echo  -conns N -size S: N connections, one request in flight on each: send S bytes,
 //	      read S bytes back, repeat.  Counts and times only requests completed in the
-//	      measuring window (after -warmup).
+//	      measuring window (after -warmup), whose start and end it prints on stderr
+//	      ("MEASURING", "MEASURED"; churn too).
 //	churn -conns N -size S: N workers each connect, echo one S-byte message, close, repeat.
 //	idle  -conns N: open N connections, echo one byte on each, print "READY N", hold them
 //	      until stdin closes, then close them.
@@ -20,6 +21,12 @@
 //	      that closing them never falls inside a profiling window the caller opened around
 //	      the R requests (benchmarks/servers/callcount.py).
 //
+// -proxy v1|v2 (any mode): each connection first sends a PROXY protocol header, in a write of
+// its own before its first request, as a balancer does (HAProxy's send-proxy/send-proxy-v2,
+// nginx's proxy_protocol): the source is the connection's local address, the destination the
+// server's.  For servers started with --proxy-protocol (benchmarks/scaleout.py).  -joined
+// sends the header in the first request's write instead (one segment for both).
+//
 // Output: one JSON object on stdout with raw counts and a latency histogram of 10 us buckets
 // (sparse [bucket, count] pairs); rates and percentiles are computed in Python
 // (benchmarks/stats.py), where they are unit-tested.
@@ -27,6 +34,7 @@ package main
 
 import (
 	"bufio"
+	"encoding/binary"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -47,7 +55,75 @@ var (
 	requests  uint64
 	failures  uint64
 	phase     int32 // 0 warm-up, 1 measuring, 2 stopping
+	// proxyVersion is -proxy: "" (no header), "v1" or "v2".
+	proxyVersion string
+	// proxyJoined is -joined: the header goes out in the first request's write.
+	proxyJoined bool
 )
+
+// v2Signature opens every PROXY protocol v2 header.
+var v2Signature = []byte("\r\n\r\n\x00\r\nQUIT\n")
+
+// proxyHeader is the PROXY protocol header a balancer would send on conn: the client is
+// conn's local address (this process), the destination the server's.
+func proxyHeader(conn net.Conn) []byte {
+	src := conn.LocalAddr().(*net.TCPAddr)
+	dst := conn.RemoteAddr().(*net.TCPAddr)
+	srcIP, dstIP := src.IP.To4(), dst.IP.To4()
+	v4 := srcIP != nil && dstIP != nil
+	if !v4 {
+		srcIP, dstIP = src.IP.To16(), dst.IP.To16()
+	}
+	if proxyVersion == "v1" {
+		family := "TCP4"
+		if !v4 {
+			family = "TCP6"
+		}
+		return []byte(fmt.Sprintf("PROXY %s %s %s %d %d\r\n",
+			family, src.IP, dst.IP, src.Port, dst.Port))
+	}
+	// Version 2, command PROXY; TCP over IPv4 (0x11) or IPv6 (0x21); then the addresses,
+	// source first, and the ports, all in network order.
+	family := byte(0x11)
+	if !v4 {
+		family = 0x21
+	}
+	length := 2*len(srcIP) + 4
+	header := make([]byte, 0, 16+length)
+	header = append(header, v2Signature...)
+	header = append(header, 0x21, family, byte(length>>8), byte(length))
+	header = append(header, srcIP...)
+	header = append(header, dstIP...)
+	header = binary.BigEndian.AppendUint16(header, uint16(src.Port))
+	header = binary.BigEndian.AppendUint16(header, uint16(dst.Port))
+	return header
+}
+
+// dial connects to addr and, with -proxy, sends the PROXY header first; with -joined it
+// returns the header instead, for the caller to send with its first request (firstWrite).
+func dial(addr string, timeout time.Duration) (net.Conn, []byte, error) {
+	conn, err := net.DialTimeout("tcp", addr, timeout)
+	if err != nil || proxyVersion == "" {
+		return conn, nil, err
+	}
+	if proxyJoined {
+		return conn, proxyHeader(conn), nil
+	}
+	if _, err = conn.Write(proxyHeader(conn)); err != nil {
+		conn.Close()
+		return nil, nil, err
+	}
+	return conn, nil, nil
+}
+
+// firstWrite is a connection's first request: data, after the header dial held back.
+func firstWrite(conn net.Conn, header, data []byte) error {
+	if header != nil {
+		data = append(header, data...)
+	}
+	_, err := conn.Write(data)
+	return err
+}
 
 func record(start time.Time) {
 	if atomic.LoadInt32(&phase) != 1 {
@@ -101,11 +177,11 @@ func dialAll(addr string, n int) []net.Conn {
 	conns := make([]net.Conn, 0, n)
 	one := make([]byte, 1)
 	for i := 0; i < n; i++ {
-		conn, err := net.DialTimeout("tcp", addr, 60*time.Second)
+		conn, header, err := dial(addr, 60*time.Second)
 		if err == nil {
 			// A server that accepts but never answers must not hang the run.
 			conn.SetDeadline(time.Now().Add(30 * time.Second))
-			_, err = conn.Write(one)
+			err = firstWrite(conn, header, one)
 		}
 		if err == nil {
 			_, err = io.ReadFull(conn, one)
@@ -198,13 +274,13 @@ func churnWorker(addr string, size int, wg *sync.WaitGroup) {
 	reply := make([]byte, size)
 	for atomic.LoadInt32(&phase) < 2 {
 		start := time.Now()
-		conn, err := net.Dial("tcp", addr)
+		conn, header, err := dial(addr, 0)
 		if err != nil {
 			atomic.AddUint64(&failures, 1)
 			time.Sleep(10 * time.Millisecond)
 			continue
 		}
-		_, err = conn.Write(msg)
+		err = firstWrite(conn, header, msg)
 		if err == nil {
 			_, err = io.ReadFull(conn, reply)
 		}
@@ -221,9 +297,9 @@ func idle(addr string, n int) map[string]interface{} {
 	conns := make([]net.Conn, 0, n)
 	one := []byte{'x'}
 	for i := 0; i < n; i++ {
-		conn, err := net.DialTimeout("tcp", addr, 30*time.Second)
+		conn, header, err := dial(addr, 30*time.Second)
 		if err == nil {
-			_, err = conn.Write(one)
+			err = firstWrite(conn, header, one)
 		}
 		if err == nil {
 			conn.SetReadDeadline(time.Now().Add(30 * time.Second))
@@ -251,7 +327,13 @@ func main() {
 	duration := flag.Float64("duration", 5, "measuring window, seconds")
 	warmup := flag.Float64("warmup", 1, "warm-up before measuring, seconds")
 	per := flag.Int("requests", 100, "requests per connection (count)")
+	flag.StringVar(&proxyVersion, "proxy", "", "send a PROXY protocol header first: v1 or v2")
+	flag.BoolVar(&proxyJoined, "joined", false, "with -proxy: header and first request in one write")
 	flag.Parse()
+	if proxyVersion != "" && proxyVersion != "v1" && proxyVersion != "v2" {
+		fmt.Fprintf(os.Stderr, "-proxy must be v1 or v2, got %q\n", proxyVersion)
+		os.Exit(2)
+	}
 
 	if *mode == "idle" {
 		json.NewEncoder(os.Stdout).Encode(idle(*addr, *conns))
@@ -280,11 +362,15 @@ func main() {
 	time.Sleep(time.Duration(*warmup * float64(time.Second)))
 	var before syscall.Rusage
 	syscall.Getrusage(syscall.RUSAGE_SELF, &before)
+	// The window's edges on stderr, for a caller that samples the server's CPU time over
+	// exactly the window (benchmarks/scaleout.py).
+	fmt.Fprintln(os.Stderr, "MEASURING")
 	started := time.Now()
 	atomic.StoreInt32(&phase, 1)
 	time.Sleep(time.Duration(*duration * float64(time.Second)))
 	atomic.StoreInt32(&phase, 2)
 	elapsed := time.Since(started).Seconds()
+	fmt.Fprintln(os.Stderr, "MEASURED")
 	var after syscall.Rusage
 	syscall.Getrusage(syscall.RUSAGE_SELF, &after)
 	// A request still unanswered 10 s after the window (a server that stopped answering)
