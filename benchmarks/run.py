@@ -71,17 +71,36 @@ ECHO_MODES = frozenset({"echo", "churn", "idle", "calls"})
 #: (``start_server``), the Protocol echo server (``create_server``), and ping-pong clients
 #: (``open_connection``) against a fixed server, Go's native echo.
 LOOP_MODES = frozenset({"streams", "protocol", "client"})
-ALL_MODES = ECHO_MODES | LOOP_MODES
 #: Go's native echo driven by the load generator at the loop points: the rate the load
 #: generator can drive and the fixed server can serve, measured whenever a loop mode runs.
 CEILING = "ceiling"
+#: Issue 15's rows (``benchmarks/scaleout.py``): iocp_echo instances behind a real HAProxy
+#: beside one instance direct, and connection churn with and without a PROXY protocol header.
+#: About 5 minutes of a full run (1.2 of a quick one).
+BALANCED, PROXY_CHURN = "balanced", "proxy-churn"
+SCALEOUT_MODES = frozenset({BALANCED, PROXY_CHURN})
+#: The default plan's modes.
+ALL_MODES = ECHO_MODES | LOOP_MODES | SCALEOUT_MODES
 #: Modes run only when asked for (``--modes workers``): not part of the default plan.
 EXTRA_MODES = frozenset({"workers"})
+#: iocp_echo's modes that run beside the server list, each on its own processes, rather than
+#: per server of the list.
+OWN_RUN_MODES = EXTRA_MODES | SCALEOUT_MODES
 #: The workers run: iocp_echo with 1 and with 2 worker processes at these points, server and
 #: client both free to use every core (pinning the server to one core would defeat workers).
 WORKER_COUNTS = (1, 2)
 WORKER_POINTS: tuple[Point, ...] = ((1024, 100), (1024, 1000))
 WORKER_NUMERIC = ("server_cores", "rps_per_server_core")
+#: The numeric fields of the scale-out rows (see ``scaleout.NUMERIC``).
+SCALEOUT_NUMERIC = (
+    "haproxy_cpu",
+    "machine_cpu",
+    "other_cpu",
+    "share_min",
+    "server_us_per_conn",
+    "pair_rps_ratio",
+    "pair_cpu_ratio",
+)
 #: How long to let a server finish what it was doing before a profiling window opens or
 #: closes (the last echoes' send completions, a settling accept queue).
 SETTLE = 0.3
@@ -116,6 +135,9 @@ class Server:
     #: For the programs of ``servers/asyncio_echo.py`` and ``servers/pingpong.py``: the
     #: ``loopchoice.py`` name of the loop they run on (None for the others).
     loop: str | None = None
+    #: Started with ``--proxy-protocol``: every connection made to it (the start-up probe's,
+    #: the load generator's) first sends a PROXY protocol header, as a balancer would.
+    proxy: bool = False
 
     @property
     def python(self) -> bool:
@@ -462,6 +484,16 @@ def _rss_kib(pid: int) -> int:
     return total
 
 
+def proxy_v1(sock: socket.socket) -> bytes:
+    """The PROXY protocol v1 header a balancer would send on *sock*'s connection (the
+    start-up probe of a server run with ``--proxy-protocol``; the load generator sends its
+    own headers, ``-proxy``)."""
+    source, destination = sock.getsockname(), sock.getpeername()
+    family = "TCP6" if sock.family == socket.AF_INET6 else "TCP4"
+    line = f"PROXY {family} {source[0]} {destination[0]} {source[1]} {destination[1]}\r\n"
+    return line.encode("ascii")
+
+
 class Lines:
     """A child's output read on a thread: the first and the last *keep* lines kept, every
     line counted, and (with *follow*) each line handed to :meth:`next`.  Draining the pipe
@@ -529,7 +561,7 @@ class Running:
                 )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=5) as probe:
-                    probe.sendall(b"x")
+                    probe.sendall(proxy_v1(probe) + b"x" if server.proxy else b"x")
                     if probe.recv(1) == b"x":
                         break
             except OSError as exc:
@@ -626,8 +658,23 @@ class ThrowawayFailed(RuntimeError):
 def throwaway(running: Running, plan: Plan) -> None:
     """The same first session for every server: connect, echo, disconnect.  Raises
     :class:`ThrowawayFailed` if every connection failed or nothing was answered."""
-    raw = loadgen(
+    throwaway_at(
         running.port,
+        plan,
+        running.server.name,
+        lambda: _said(running.stderr.tail),
+        proxy="v2" if running.server.proxy else "",
+    )
+
+
+def throwaway_at(
+    port: int, plan: Plan, name: str, said: Callable[[], str], proxy: str = ""
+) -> None:
+    """:func:`throwaway` on *port* (a server's, or a balancer's in front of servers), each
+    connection opening with a PROXY header of version *proxy* ("v1", "v2"; "": none);
+    *said* gives the last lines of what serves it, for the error."""
+    raw = loadgen(
+        port,
         "-mode",
         "echo",
         "-conns",
@@ -638,15 +685,16 @@ def throwaway(running: Running, plan: Plan) -> None:
         str(plan.throwaway),
         "-warmup",
         "0",
+        *(("-proxy", proxy) if proxy else ()),
     )
     if raw["failures"]:
-        say(f"{running.server.name}: {raw['failures']} failure(s) in the throwaway session")
+        say(f"{name}: {raw['failures']} failure(s) in the throwaway session")
     if not raw["requests"] or raw["failures"] >= THROWAWAY_CONNS:
         time.sleep(SETTLE)  # the server's last words
         raise ThrowawayFailed(
             f"failed its throwaway session ({raw['requests']} requests answered, "
             f"{raw['failures']} failures on {THROWAWAY_CONNS} connections); "
-            f"it said: {_said(running.stderr.tail)}"
+            f"it said: {said()}"
         )
 
 
@@ -814,6 +862,8 @@ class Plan:
     #: (fewer for larger ones: see :func:`client_requests`).  A fixed count, the same for
     #: every loop.
     client_requests: dict[str, int]
+    #: proxy-churn (``scaleout.py``): passes per round over plain, v2 and v1 churn windows.
+    proxy_churn_pairs: int = 2
 
 
 QUICK = Plan(
@@ -1246,7 +1296,8 @@ def run_workers_round(plan: Plan, platforms: list[str], repeat: int) -> list[dic
 
 
 def merge_repeats(raw_records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per server x runtime x mode x size x connections: the median of its runs."""
+    """One record per server x runtime x mode x size x connections (x setup, for the rows of
+    ``scaleout.py``): the median of its runs."""
     grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for record in raw_records:
         key = (
@@ -1255,12 +1306,12 @@ def merge_repeats(raw_records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             record["mode"],
             record["msg_size"],
             record["concurrency"],
+            record.get("setup"),
         )
         grouped.setdefault(key, []).append(record)
+    extra = {"workers": WORKER_NUMERIC, BALANCED: SCALEOUT_NUMERIC, PROXY_CHURN: SCALEOUT_NUMERIC}
     return [
-        stats.median_record(
-            group, NUMERIC + WORKER_NUMERIC if group[0]["mode"] == "workers" else NUMERIC
-        )
+        stats.median_record(group, NUMERIC + extra.get(group[0]["mode"], ()))
         for group in grouped.values()
     ]
 
@@ -1303,6 +1354,34 @@ def keep_unmeasured(
     return [r for r in kept if (r["server"], r["runtime"], r["mode"]) not in covered]
 
 
+def extra_platforms(
+    modes: set[str], names: set[str] | None, platform_name: str | None
+) -> dict[str, list[str]]:
+    """The platforms on which each mode of :data:`OWN_RUN_MODES` (workers, balanced,
+    proxy-churn) is measured, by ``--modes``, ``--only`` and ``--platform``.  The balanced
+    rows are native only."""
+    if names is not None and not names & {"iocp_echo"}:
+        return {}
+    chosen = {}
+    for mode in sorted(modes & OWN_RUN_MODES):
+        where = [
+            name
+            for name, _, _ in report.PLATFORMS
+            if platform_name in (None, name) and (mode != BALANCED or name == "linux")
+        ]
+        if where:
+            chosen[mode] = where
+    return chosen
+
+
+def drop_remeasured(
+    kept: list[dict[str, Any]], remeasured: dict[str, list[str]]
+) -> list[dict[str, Any]]:
+    """The records of an earlier run left once this run's own-run modes (*remeasured*: mode
+    -> platforms, :func:`extra_platforms`) replace theirs."""
+    return [r for r in kept if r["platform"] not in remeasured.get(r["mode"], ())]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks run")
     parser.add_argument("--quick", action="store_true", help="a smoke run: about 4 minutes")
@@ -1316,10 +1395,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes",
         default=",".join(sorted(ALL_MODES)),
-        help="comma-separated modes to run: echo, churn, idle, calls, streams, protocol, client "
-        "(default: all seven), "
-        "and workers (1 vs 2 worker processes, only when named); a partial run (fewer modes, "
-        "--only or --platform) replaces only the records it re-measures in the results folder",
+        help="comma-separated modes to run: echo, churn, idle, calls, streams, protocol, client, "
+        "balanced (2 instances behind HAProxy vs 1 direct, natively), proxy-churn (churn with "
+        "and without a PROXY header) (default: all nine), and workers (1 vs 2 worker "
+        "processes, only when named); a run replaces only the records it re-measures in the "
+        "results folder",
     )
     parser.add_argument(
         "--out",
@@ -1327,6 +1407,8 @@ def main(argv: list[str] | None = None) -> int:
         help="results folder (default: benchmarks/results, or results/quick with --quick)",
     )
     options = parser.parse_args(argv)
+    from . import scaleout  # it imports this module: only once this one is loaded
+
     plan = dataclasses.replace(QUICK if options.quick else FULL)
     if options.repeats:
         plan.repeats = options.repeats
@@ -1340,13 +1422,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # restart it pinned with the servers
     names = set(options.only.split(",")) if options.only else None
     chosen, left_out = choose(servers(), names, options.platform, modes, unusable)
-    if not chosen and "workers" not in modes:
+    remeasured = extra_platforms(modes, names, options.platform)
+    if not chosen and not remeasured:
         parser.error("no server matches --only/--platform")
-    worker_platforms = [
-        name
-        for name, _, _ in report.PLATFORMS
-        if "workers" in modes and options.platform in (None, name)
-    ]
+    worker_platforms = remeasured.get("workers", [])
     partial = modes != ALL_MODES or names is not None or options.platform is not None
     if modes & LOOP_MODES:
         modes.add(CEILING)
@@ -1382,17 +1461,31 @@ def main(argv: list[str] | None = None) -> int:
                 error = f"workers run, round {repeat + 1}: {exc}"
                 say(f"FAILED {error}")
                 errors.append(error)
+        if BALANCED in remeasured:
+            try:
+                measured_now, failed = scaleout.run_balanced_round(plan, repeat)
+                raw_records += measured_now
+                errors += failed
+            except RuntimeError as exc:  # no HAProxy here: said once, not tried again
+                say(f"FAILED {exc}")
+                errors.append(str(exc))
+                del remeasured[BALANCED]
+        if PROXY_CHURN in remeasured:
+            measured_now, failed = scaleout.run_proxy_churn_round(
+                plan, remeasured[PROXY_CHURN], repeat
+            )
+            raw_records += measured_now
+            errors += failed
     records = [r | {"run": run_id} for r in merge_repeats(raw_records)]
     measured = sorted({f"{r['server']} ({r['runtime']})" for r in records})
     # A smoke run must not overwrite the committed results of a full one.
     results = options.out or (RESULTS / "quick" if options.quick else RESULTS)
-    if partial and (results / "latest.json").exists():
-        kept = json.loads((results / "latest.json").read_text())
-        if worker_platforms:  # this run re-measured the workers rows it covers
-            kept = [
-                r for r in kept if r["mode"] != "workers" or r["platform"] not in worker_platforms
-            ]
-        records = keep_unmeasured(kept, chosen, modes) + records
+    if (results / "latest.json").exists():
+        kept = drop_remeasured(json.loads((results / "latest.json").read_text()), remeasured)
+        if partial:
+            records = keep_unmeasured(kept, chosen, modes) + records
+        else:  # a full run keeps only the rows of the modes it never runs
+            records = [r for r in kept if r["mode"] in EXTRA_MODES - modes] + records
     machine = {
         "cpus": os.cpu_count(),
         "cpu": report.cpu_model(),
