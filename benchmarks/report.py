@@ -233,6 +233,13 @@ def header(records: list[dict[str, Any]], machine: dict[str, Any]) -> list[str]:
             "ratios.",
             "",
         ]
+    for where in (machine, rerun or {}):
+        if str(where.get("wineserver", "")).startswith("shared"):
+            lines += [
+                f"Wine's server was {where['wineserver']} (run {where['run']}): the figures "
+                "under Wine shared it with those programs.",
+                "",
+            ]
     errors = list(machine.get("errors") or []) + list((rerun or {}).get("errors") or [])
     if errors:
         lines += ["**Failed during the run** (their figures are missing or partial):", ""]

@@ -1174,6 +1174,41 @@ def measure_clients(
     return session, _said(messages.tail)
 
 
+#: Wine's own programs, started with the wineserver: not a user's.
+WINE_SYSTEM = frozenset(
+    {
+        "conhost.exe",
+        "explorer.exe",
+        "plugplay.exe",
+        "rpcss.exe",
+        "services.exe",
+        "start.exe",
+        "svchost.exe",
+        "wineboot.exe",
+        "winedevice.exe",
+        "winemenubuilder.exe",
+    }
+)
+
+
+def wine_programs(proc: Path = Path("/proc")) -> list[str]:
+    """The names of the Windows programs running under Wine (Wine's own left out): another
+    user of the shared wineserver, which a run must then not stop.  A Wine process's command
+    line starts with its Windows program (``C:\\windows\\system32\\services.exe``, or a Unix
+    path ending in ``python.exe``)."""
+    found = []
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                program = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
+            except OSError:
+                continue
+            name = program.decode(errors="replace").replace("\\", "/").rsplit("/", 1)[-1]
+            if name.lower().endswith(".exe") and name.lower() not in WINE_SYSTEM:
+                found.append(name)
+    return found
+
+
 def _wine_workers() -> set[int]:
     """Unix pids of running Wine worker processes: Wine starts a Windows child process
     detached (its Unix parent is init), so workers are not the server's descendants."""
@@ -1417,9 +1452,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown mode(s): {', '.join(sorted(modes - ALL_MODES - EXTRA_MODES))}")
     provision()
     unusable = provision_loops()
-    subprocess.run(
-        [str(winpy.WINESERVER), "-k"], env=winpy.wine_environment(), capture_output=True
-    )  # restart it pinned with the servers
+    others = wine_programs()
+    if others:
+        # The wineserver is shared by every Wine program of the prefix: stopping it would
+        # break theirs.  The run uses it as it is, unpinned, and says so.
+        wineserver = (
+            f"shared with {len(others)} other Wine program(s) running at the start "
+            f"({', '.join(sorted(set(others)))}): not restarted, not pinned with the servers"
+        )
+        say(f"wineserver {wineserver}")
+    else:
+        subprocess.run(
+            [str(winpy.WINESERVER), "-k"], env=winpy.wine_environment(), capture_output=True
+        )  # restart it pinned with the servers
+        wineserver = "restarted at the start, pinned with the servers"
     names = set(options.only.split(",")) if options.only else None
     chosen, left_out = choose(servers(), names, options.platform, modes, unusable)
     remeasured = extra_platforms(modes, names, options.platform)
@@ -1500,9 +1546,10 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "run": run_id,
         "errors": errors,
+        "wineserver": wineserver,
     }
     if partial and (results / "machine.json").exists():
-        rerun = {k: machine[k] for k in ("minutes", "date", "run", "errors")} | {
+        rerun = {k: machine[k] for k in ("minutes", "date", "run", "errors", "wineserver")} | {
             "modes": sorted(modes),
             "servers": measured,  # what this run measured (a workers run: iocp_echo only)
         }

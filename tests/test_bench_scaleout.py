@@ -295,3 +295,28 @@ def test_the_proxy_header_cost_is_judged_against_five_percent_on_the_paired_rati
     # Rows in a fixed order: plain, v2, v1, then v2 in one write.
     assert native.index("| plain |") < native.index("| v2 |") < native.index("| v1 |")
     assert "| iocp_echo | linux-3.13 | proxy-churn |" not in text
+
+
+def test_a_run_leaves_a_wineserver_that_other_wine_programs_use_running(tmp_path: Path) -> None:
+    programs = {
+        "101": b"C:\\windows\\system32\\services.exe\0",
+        "102": b"C:\\windows\\system32\\winedevice.exe\0",
+        "103": b"/work/main/.cache/wine/cp313/python.exe\0-m\0pytest\0",
+        "104": b"/usr/lib/wine/wineserver64\0-p0\0",
+        "105": b"",  # a kernel thread
+        "self": b"not a process directory\0",
+    }
+    for pid, cmdline in programs.items():
+        (tmp_path / pid).mkdir()
+        (tmp_path / pid / "cmdline").write_bytes(cmdline)
+    (tmp_path / "106").mkdir()  # gone before its command line could be read
+    assert run.wine_programs(tmp_path) == ["python.exe"]
+    machine = MACHINE | {
+        "run": "2026-11-30 10:00",
+        "wineserver": "shared with 1 other Wine program(s) running at the start (python.exe): "
+        "not restarted, not pinned with the servers",
+    }
+    text = report.markdown([], machine)
+    assert "Wine's server was shared with 1 other Wine program(s) running at the start" in text
+    quiet = report.markdown([], MACHINE | {"wineserver": "restarted at the start, pinned"})
+    assert "Wine's server was" not in quiet
