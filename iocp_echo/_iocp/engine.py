@@ -91,6 +91,7 @@ SHRINK_AFTER = 4
 #: Completions handled inline per loop iteration before re-arms wait for the loop.
 COMPLETIONS_PER_ITERATION = 64
 _ERROR_OPERATION_ABORTED = 995
+_ERROR_NETNAME_DELETED = 64
 _NULL = 0
 _EMPTY = bytearray(0)
 
@@ -120,6 +121,17 @@ class _CacheEntry:
 
     def set_exception(self, exc: BaseException) -> None:  # the callbacks never raise
         self.transport._fatal_error(exc, "unexpected error in a completion callback")
+
+
+def _connection_error(exc: OSError) -> OSError:
+    """*exc* as asyncio's proactor reports it: the two Windows errors that mean the connection
+    is gone (``ERROR_NETNAME_DELETED``: reset by the peer; ``ERROR_OPERATION_ABORTED``: its
+    socket closed under it) map to no ``OSError`` subclass, and ``IocpProactor`` raises
+    ``ConnectionResetError`` for both, which code catches as a ``ConnectionError``
+    (``StreamWriter.wait_closed()`` callers, TLS shutdown); the Windows code is kept."""
+    if getattr(exc, "winerror", None) in (_ERROR_NETNAME_DELETED, _ERROR_OPERATION_ABORTED):
+        return ConnectionResetError(exc.errno, exc.strerror, None, exc.winerror)
+    return exc
 
 
 def describe_entry(entry: object, ov: Any) -> tuple[str, str, int, float] | None:
@@ -314,7 +326,7 @@ class IocpTransport(CompletionTransport):
             self._hold(END_OF_STREAM)
             return
         except OSError as exc:
-            self._fatal_error(exc, "WSARecvInto failed")
+            self._fatal_error(_connection_error(exc), "WSARecvInto failed")
             return
         self._read_ov = ov
         self._read_started = time.monotonic()
@@ -338,7 +350,7 @@ class IocpTransport(CompletionTransport):
             self._hold(END_OF_STREAM)
             return
         except OSError as exc:
-            self._fatal_error(exc, "WSARecvInto failed")
+            self._fatal_error(_connection_error(exc), "WSARecvInto failed")
             return
         self._read_ov = ov
         self._read_started = time.monotonic()
@@ -379,7 +391,7 @@ class IocpTransport(CompletionTransport):
                 self._read_quietly()
                 return
             self._release_read_buffer()
-            self._arrived(exc)
+            self._arrived(_connection_error(exc))
             return
         self._quieting = False
         if self._closing or self._engine.stopped:
@@ -524,7 +536,7 @@ class IocpTransport(CompletionTransport):
             ov.WSASend(self._fileno, data, 0)
         except OSError as exc:
             self._give_back_sent(held)
-            self._fatal_error(exc, "WSASend failed")
+            self._fatal_error(_connection_error(exc), "WSASend failed")
             return
         self._send_ov = ov
         self._send_held = held
@@ -543,7 +555,7 @@ class IocpTransport(CompletionTransport):
         except OSError as exc:
             self._give_back_sent(held)
             if not self._conn_lost:
-                self._fatal_error(exc, "send failed")
+                self._fatal_error(_connection_error(exc), "send failed")
             return
         rest = bytes(memoryview(held)[sent:size]) if sent < size else b""
         self._give_back_sent(held)
