@@ -17,9 +17,10 @@ import pytest
 
 import iocp_echo
 from iocp_echo import _iocp, _platform, _private
+from iocp_echo.errors import os_error_code
 
 from .conftest import assert_nothing_left
-from .helpers import connect, echo, recv_exactly, wait_until
+from .helpers import connect, echo, recv_exactly, reset, wait_until
 
 pytestmark = [pytest.mark.backend, pytest.mark.iocp]
 
@@ -466,3 +467,47 @@ async def test_an_engine_closed_with_connections_open_keeps_serving_them() -> No
             await sending
             transport.close()
             await wait_until(lambda: not engine.transports)
+
+
+# -- a connection the peer reset ------------------------------------------------------------
+
+
+class _EchoUntilLost(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost.set_result(exc)
+
+
+@pytest.mark.parametrize("rounds", [0, 2], ids=["quiet", "busy"])
+async def test_a_receive_the_peer_reset_is_lost_with_connection_reset_error(rounds: int) -> None:
+    """A pending receive the peer's RST fails completes with ERROR_NETNAME_DELETED, an
+    ``OSError`` of no subclass; asyncio's proactor reports it as ``ConnectionResetError`` and
+    callers catch ``ConnectionError`` (CPython's test_flush_before_shutdown failed on WinError
+    64 from StreamWriter.wait_closed()): the engine's connections report the same class."""
+    loop = asyncio.get_running_loop()
+    with _listener() as listener:
+        client, accepted = await _pair(listener)
+        protocol = _EchoUntilLost()
+        try:
+            made, _ = await loop.connect_accepted_socket(lambda: protocol, accepted)
+            assert type(made).__name__ == "IocpTransport"  # the engine's
+            transport: Any = made
+            for number in range(rounds):  # woken twice within QUIET_AFTER: BUSY receives
+                await loop.sock_sendall(client, b"ping %d" % number)
+                assert await recv_exactly(client, 6) == b"ping %d" % number
+            await wait_until(lambda: transport._read_ov is not None, what="a pending receive")
+            assert transport._busy == bool(rounds)
+        finally:
+            reset(client)
+        exc = await asyncio.wait_for(protocol.lost, 10)
+        assert isinstance(exc, ConnectionResetError), repr(exc)
+        assert os_error_code(exc) in (64, 10054), repr(exc)  # the Windows code is kept

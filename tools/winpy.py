@@ -155,10 +155,24 @@ def ensure_site(version: str) -> Path:
     if stamp.exists() and stamp.read_text() == stamp_value:
         return site
     log(f"installing {', '.join(requirements)} for Windows CPython {version}")
-    shutil.rmtree(site, ignore_errors=True)
-    install_for_windows(site, version, requirements)
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    stamp.write_text(stamp_value)
+    # Into a folder of this process's own, then renamed into place: two runs provisioning at
+    # once (parallel test runs after a requirement changed) must not install into, or delete,
+    # each other's half-made folder.
+    partial = site.with_name(f"{site.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    install_for_windows(partial, version, requirements)
+    (partial / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    (partial / stamp.name).write_text(stamp_value)
+    old = site.with_name(f"{site.name}.old-{os.getpid()}")
+    try:
+        site.rename(old)
+    except FileNotFoundError:
+        pass
+    try:
+        partial.rename(site)
+    except OSError:  # another run put its own in place meanwhile: the same requirements
+        shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return site
 
 

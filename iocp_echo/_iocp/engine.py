@@ -129,8 +129,9 @@ def _connection_error(exc: OSError) -> OSError:
     socket closed under it) map to no ``OSError`` subclass, and ``IocpProactor`` raises
     ``ConnectionResetError`` for both, which code catches as a ``ConnectionError``
     (``StreamWriter.wait_closed()`` callers, TLS shutdown); the Windows code is kept."""
-    if getattr(exc, "winerror", None) in (_ERROR_NETNAME_DELETED, _ERROR_OPERATION_ABORTED):
-        return ConnectionResetError(exc.errno, exc.strerror, None, exc.winerror)
+    winerror = getattr(exc, "winerror", None)
+    if winerror in (_ERROR_NETNAME_DELETED, _ERROR_OPERATION_ABORTED):
+        return ConnectionResetError(exc.errno, exc.strerror, None, winerror)
     return exc
 
 
