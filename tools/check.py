@@ -2,7 +2,8 @@
 
 On a fresh Debian machine with CPython 3.11, 3.12 and 3.13 (pyenv's or the system's) it:
 
-1. provisions Wine and the Windows CPythons 3.11/3.12/3.13 (``tools/winpy.py``);
+1. provisions Wine and the Windows CPythons 3.11/3.12/3.13 (``tools/winpy.py``), and Debian's
+   HAProxy for the tests behind a load balancer (``tools/haproxy.py``);
 2. makes a virtual environment per native CPython under ``.cache/venv/`` with the ``dev``
    extra of ``pyproject.toml`` (redone only when the requirements change);
 3. runs ``ruff`` and ``mypy``;
@@ -34,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import haproxy
 import winpy
 
 ROOT = winpy.ROOT
@@ -168,6 +170,8 @@ def main() -> int:
     say("provisioning Wine and Windows CPython " + ", ".join(versions))
     for version in versions:
         winpy.provision(version)
+    say("provisioning HAProxy")
+    haproxy.provision()  # where it cannot be installed, tests/test_haproxy.py says why it skips
     venvs = {version: ensure_venv(version, dev_requirements()) for version in versions}
 
     if options.only in (None, "lint"):
