@@ -469,6 +469,72 @@ async def test_an_engine_closed_with_connections_open_keeps_serving_them() -> No
             await wait_until(lambda: not engine.transports)
 
 
+# -- one receive per connection per dequeue ---------------------------------------------------
+
+
+class _Marks(asyncio.Protocol):
+    """Answers the first data, half-closes the peer at once and schedules a callback: records
+    whether that callback ran before the end of the stream reached the protocol."""
+
+    def __init__(self, peer: socket.socket) -> None:
+        self.peer: Any = peer
+        self.marks: list[str] = []
+        self.transport: Any = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.marks.append("data")
+        self.transport.write(b"roger")
+        self.peer.shutdown(socket.SHUT_WR)  # the end of the stream is in the socket now
+        asyncio.get_running_loop().call_soon(self.marks.append, "callback")
+
+    def eof_received(self) -> None:
+        self.marks.append("eof")
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost.set_result(exc)
+
+
+@pytest.mark.parametrize("rounds", [1, 3], ids=["quiet", "busy"])
+async def test_a_second_packet_in_one_dequeue_is_delivered_on_the_next_iteration(
+    rounds: int,
+) -> None:
+    """A connection's second receive packet in one dequeue is handled on the next loop
+    iteration: so what the protocol set off (here the peer's end of stream, at once) reaches
+    it after the callbacks it scheduled, as on asyncio's own transports.  CPython's
+    test_connect_accepted_socket hung on 3.11/3.12 when the reply, the client's close and
+    connection_lost all fit in one dequeue, before run_until_complete's stop."""
+    loop = asyncio.get_running_loop()
+    with _listener() as listener:
+        client, accepted = await _pair(listener)
+        with client:
+            protocol = _Marks(client)
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, accepted)
+            assert type(transport).__name__ == "IocpTransport"  # the engine's
+            for _ in range(rounds - 1):  # woken twice within QUIET_AFTER: BUSY receives
+                protocol.peer = _NoShutdown(client)
+                await loop.sock_sendall(client, b"ping")
+                assert await recv_exactly(client, 5) == b"roger"
+            protocol.peer = client
+            await loop.sock_sendall(client, b"test data")
+            assert await asyncio.wait_for(protocol.lost, 10) is None
+            assert await recv_exactly(client, 5) == b"roger"
+            assert protocol.marks[-3:] == ["data", "callback", "eof"], protocol.marks
+
+
+class _NoShutdown:
+    """A peer that is not half-closed yet (the rounds before the last)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+
 # -- a connection the peer reset ------------------------------------------------------------
 
 

@@ -54,6 +54,19 @@ data completes at once, which costs Wine far less than one that must wait (measu
 20 under Wine: 69 instead of 87 µs of server CPU per echo).  The echo's send is usually done
 by then as well, and its buffer becomes the next receive's, with no trip through the pool.
 
+One delivery per connection per dequeue.  A QUIET connection issues its next (zero-byte)
+receive from the completion that delivered, so that a receive is always pending on it: under
+Wine a receive issued after the peer's reset reports the end of the stream, not the reset.
+That receive may complete within the same dequeue (``_poll`` dequeues until the port is
+empty), bringing the peer's answer to what the protocol just did (its reply, then the peer's
+close) before the loop has run the callbacks already scheduled.  asyncio's own transports
+issue the next receive from a loop callback, so a protocol gets at most one read per
+connection per loop iteration, and code relies on it: CPython's test_connect_accepted_socket,
+whose ``connection_lost`` stops the loop, hung under Wine when data, EOF and
+``connection_lost`` all came before ``run_until_complete``'s own stop.  So a connection's
+second packet in one dequeue is postponed (:meth:`IocpEngine.postpone`) and handled as the
+next iteration starts, in order, before the re-arms that waited.
+
 Closing the loop.  ``IocpProactor.close()`` cancels every cached operation and polls until the
 cache is empty; the first ``cancel()`` of an engine entry marks the engine stopped, and a
 stopped engine issues no operation again (or close() would wait for ever).
@@ -171,6 +184,10 @@ class IocpEngine:
         #: Completions left to handle inline in this loop iteration (see "Fairness").
         self.budget = COMPLETIONS_PER_ITERATION
         self.deferred: list[IocpTransport] = []
+        #: Loop iterations seen, and the receive packets postponed to the next one ("One
+        #: delivery per connection per dequeue").
+        self.generation = 0
+        self.postponed: list[tuple[IocpTransport, Any, Any, Any]] = []
         #: iocp_echo's own loop renews the budget as each dequeue starts; on CPython's
         #: ProactorEventLoop a loop callback does (scheduled by the iteration's first packet).
         attach = getattr(loop, "attach_engine", None)
@@ -235,12 +252,30 @@ class IocpEngine:
 
     # -- fairness ---------------------------------------------------------------------------
 
-    def new_iteration(self) -> None:
-        """Between two dequeues: a fresh budget, and the re-arms that waited."""
+    def new_iteration(self) -> bool:
+        """Between two dequeues: a fresh budget, the packets postponed, then the re-arms that
+        waited.  True when a postponed packet was handled (it may have scheduled callbacks:
+        the next dequeue must not wait)."""
         self.budget = COMPLETIONS_PER_ITERATION
+        self.generation += 1
+        postponed = self.postponed
+        if postponed:
+            self.postponed = []
+            for transport, transferred, key, ov in postponed:
+                transport._read_done(transferred, key, ov)
         deferred, self.deferred = self.deferred, []
         for transport in deferred:
             transport._read_again()
+        return bool(postponed)
+
+    def postpone(self, transport: IocpTransport, transferred: Any, key: Any, ov: Any) -> None:
+        """Handle *transport*'s receive packet as the next iteration starts (see "One
+        delivery per connection per dequeue")."""
+        if self.budget == COMPLETIONS_PER_ITERATION:  # make sure new_iteration() runs
+            if self.renew_by_callback:
+                self.loop.call_soon(self.new_iteration)
+            self.budget -= 1
+        self.postponed.append((transport, transferred, key, ov))
 
     # -- the server's hooks -----------------------------------------------------------------
 
@@ -280,6 +315,7 @@ class IocpTransport(CompletionTransport):
 
     __slots__ = (
         "_busy",
+        "_delivered_in",
         "_engine",
         "_entry",
         "_quieting",
@@ -306,6 +342,7 @@ class IocpTransport(CompletionTransport):
         self._quieting = False
         self._busy = False  # BUSY (a pooled buffer per receive) or QUIET (zero-byte receives)
         self._woke_at = 0.0
+        self._delivered_in = -1  # the engine generation of this connection's last packet
         self._send_ov: Any = None
         self._send_held: Any = None
         self._send_started = 0.0
@@ -373,6 +410,11 @@ class IocpTransport(CompletionTransport):
 
     def _read_done(self, transferred: Any, key: Any, ov: Any) -> None:
         """A receive's packet: deliver, then issue the next receive (BUSY or QUIET)."""
+        generation = self._engine.generation
+        if self._delivered_in == generation:  # its second packet in this dequeue: later
+            self._engine.postpone(self, transferred, key, ov)
+            return
+        self._delivered_in = generation
         self._read_ov = None
         # Which receive this was is the buffer it was given: none for a zero-byte receive
         # (_read_quietly releases the connection's buffer; nothing gives it one meanwhile).

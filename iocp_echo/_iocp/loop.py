@@ -114,8 +114,8 @@ class IocpDequeue(asyncio.IocpProactor):  # type: ignore[misc,name-defined,unuse
                 raise ValueError("timeout too big")
         if self._engines and not self._closing:
             for engine in self._engines:
-                if engine.budget != COMPLETIONS_PER_ITERATION:
-                    engine.new_iteration()
+                if engine.budget != COMPLETIONS_PER_ITERATION and engine.new_iteration():
+                    ms = 0  # a postponed packet was delivered: run its callbacks first
         port = self._iocp
         cache = self._cache
         stopped_alive = self._stopped_alive
