@@ -125,6 +125,19 @@ def format_snapshot(snapshot: Any) -> str:
             )
         )
     ]
+    readiness = server.get("readiness")
+    if readiness is not None and readiness != "ready":
+        lines[0] += f"  NOT READY: {_text(readiness, 'server.readiness')}"
+    proxy = stats.get("proxy_headers")
+    if proxy:
+        counts = _object(proxy, "stats.proxy_headers")
+        lines.append(
+            "PROXY headers: "
+            + " ".join(
+                f"{_clean(str(outcome))}={_count(count, 'stats.proxy_headers')}"
+                for outcome, count in counts.items()
+            )
+        )
     lines += _worker_lines(stats)
     unavailable = snapshot.get("operations_unavailable")
     if unavailable is not None:

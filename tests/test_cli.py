@@ -20,6 +20,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -275,6 +276,35 @@ def test_inspect_formats_a_snapshot_as_a_table() -> None:
     assert lines[-1] == "2 pending operation(s)"
     snapshot["operations_unavailable"] = "IocpProactor._cache is missing or not a dict"
     assert "unavailable: IocpProactor._cache" in inspector.format_snapshot(snapshot)
+
+
+def test_inspect_shows_readiness_and_proxy_header_outcomes() -> None:
+    """A draining server says so on the first line; PROXY header outcomes get a line."""
+    snapshot: dict[str, Any] = {
+        "server": {
+            "backend": "IOCP",
+            "host": "127.0.0.1",
+            "port": 9000,
+            "python": "3.13.2",
+            "readiness": "draining",
+        },
+        "stats": {
+            "open_connections": 0,
+            "total_connections": 3,
+            "bytes_received": 0,
+            "bytes_sent": 0,
+            "proxy_headers": {"v1": 1, "v2": 2, "malformed": 4},
+        },
+        "operations": [],
+        "operations_unavailable": None,
+    }
+    lines = inspector.format_snapshot(snapshot).splitlines()
+    assert lines[0].endswith("NOT READY: draining")
+    assert lines[1] == "PROXY headers: v1=1 v2=2 malformed=4"
+    snapshot["server"]["readiness"] = "ready"
+    snapshot["stats"]["proxy_headers"] = {}
+    assert "READY" not in inspector.format_snapshot(snapshot)
+    assert "PROXY" not in inspector.format_snapshot(snapshot)
 
 
 def test_inspect_without_a_server_exits_1_with_one_line() -> None:
