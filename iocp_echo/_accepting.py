@@ -205,14 +205,14 @@ class Accepting(ServerState):
     async def _set_up_stock(self, conn: socket.socket, address: Any) -> None:
         """Wrap an accepted socket in asyncio's proactor transport (TLS, or no engine)."""
         connection: StockConnection | None = None
-        proxied = False
+        proxy = None
         try:
             if self._proxy is not None:
                 header = await read_header(conn, address, self._proxy)
                 if header is None:
                     conn.close()
                     return
-                proxied = header.source is not None
+                proxy = (header, address)
                 address = header.source or address
             connection = StockConnection(
                 self._protocol_factory(),
@@ -221,7 +221,7 @@ class Accepting(ServerState):
                 max_read=self._max_read,
                 write_high_water=self._write_high_water,
                 owner=self,
-                proxied=proxied,
+                proxy=proxy,
             )
             self._connections.add(connection)
             self._no_connections.clear()
@@ -264,6 +264,10 @@ class Accepting(ServerState):
         peer = format_address(connection.peer)
         if exc is None:
             logger.debug("connection from %s closed", peer)
+        elif self._proxy is not None and connection._proxy is None:
+            # Lost before its PROXY header was complete: the header reader counted and logged
+            # it ("incomplete"), once, as asyncio's transports' header reader does.
+            pass
         else:
             self._errors[type(exc).__name__] += 1
             if isinstance(exc, OSError):

@@ -12,7 +12,9 @@ therefore reached through private names that have been stable from 3.4 to 3.13:
 * ``IocpProactor._poll``/``close`` dispatch through ``_cache`` (the completion engine's hook:
   see :class:`CompletionHook`);
 * ``_ProactorReadPipeTransport._data`` (the read buffer, 3.10+), ``_read_fut``, ``_write_fut``
-  and ``_pending_write``.
+  and ``_pending_write``;
+* ``BaseTransport._extra`` (and, under TLS, ``_SSLProtocolTransport._ssl_protocol._transport``):
+  where a PROXY header's client address replaces the balancer's ``peername``.
 
 Each function checks the shape it relies on and raises :class:`InternalsUnavailable` with a
 reason when it differs, so callers degrade to a public code path or report "unavailable"
@@ -517,6 +519,21 @@ def ssl_protocol_class() -> type[asyncio.BufferedProtocol]:
     if not isinstance(cls, type) or init is None or "_app_transport" not in init.co_names:
         raise InternalsUnavailable("asyncio.sslproto.SSLProtocol has another shape")
     return cls  # type: ignore[return-value]
+
+
+def transport_extras(transport: asyncio.BaseTransport) -> dict[str, Any]:
+    """The dict in which asyncio keeps *transport*'s extra info (``BaseTransport._extra``);
+    for TLS, the one of the socket transport under it, which its ``get_extra_info`` consults
+    for the names TLS does not answer itself (``peername`` among them).  A PROXY header names
+    the client: its address goes there, so a protocol on asyncio's transports sees it too."""
+    ssl_protocol = getattr(transport, "_ssl_protocol", None)
+    underneath = transport if ssl_protocol is None else getattr(ssl_protocol, "_transport", None)
+    extra = getattr(underneath, "_extra", None)
+    if not isinstance(extra, dict) or "peername" not in extra:
+        raise InternalsUnavailable(
+            f"{type(underneath).__name__} keeps no _extra dict with 'peername' in it"
+        )
+    return extra
 
 
 def sendfile_mode(name: str) -> Any:

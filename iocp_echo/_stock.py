@@ -23,6 +23,7 @@ __all__ = ["StockConnection"]
 logger = logging.getLogger("iocp_echo.connection")
 
 _warned_read_size = False
+_warned_extras = False
 
 
 class StockConnection(asyncio.BufferedProtocol):
@@ -37,7 +38,7 @@ class StockConnection(asyncio.BufferedProtocol):
         max_read: int,
         write_high_water: int,
         owner: ConnectionOwner,
-        proxied: bool = False,
+        proxy: tuple[Any, Any] | None = None,
     ) -> None:
         self.protocol = protocol
         self.transport: asyncio.Transport | None = None
@@ -52,8 +53,9 @@ class StockConnection(asyncio.BufferedProtocol):
         self._write_high_water = write_high_water
         self._owner = owner
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
-        #: A PROXY header named the client: *peer* is it, not the socket's peer (the balancer).
-        self._proxied = proxied
+        #: (the PROXY header, the balancer's address) when a header was read: *peer* is then
+        #: the client it named (or the balancer's address, for one that named none).
+        self._proxy = proxy
         self._buffer: memoryview | None = None
 
     # -- what the server reads --------------------------------------------------------------
@@ -104,9 +106,28 @@ class StockConnection(asyncio.BufferedProtocol):
                         "cannot bound reads to max_read=%d bytes: %s", self._max_read, exc
                     )
         transport.set_write_buffer_limits(high=self._write_high_water)
-        if not self._proxied:
+        if self._proxy is None:
             self.peer = transport.get_extra_info("peername") or self.peer
+        else:
+            self._show_client(transport)
         self.protocol.connection_made(transport)
+
+    def _show_client(self, transport: asyncio.BaseTransport) -> None:
+        """The protocol's ``get_extra_info`` names the client, as on the engine's transports."""
+        global _warned_extras
+        header, balancer = self._proxy  # type: ignore[misc]
+        try:
+            extra = _private.transport_extras(transport)
+        except _private.InternalsUnavailable as exc:
+            if not _warned_extras:
+                _warned_extras = True
+                logger.warning(
+                    "protocols on asyncio's transports see the balancer's address as peername, "
+                    "not the PROXY header's client: %s",
+                    exc,
+                )
+            return
+        extra.update(peername=self.peer, proxy_header=header, proxy_peername=balancer)
 
     def get_buffer(self, sizehint: int) -> Any:
         if self._buffered:

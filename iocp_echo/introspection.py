@@ -110,6 +110,11 @@ class Owner(Protocol):
     @property
     def read_started(self) -> float: ...
 
+    @property
+    def peer(self) -> Any:
+        """The client's address (a PROXY header's, when one named it), or None."""
+        ...
+
 
 class OwnerSource(Protocol):
     """Something that owns connections on a loop (an ``EchoServer``)."""
@@ -199,6 +204,8 @@ def collect(
         else:
             state = "pending"
         fileno, local, peer = _describe(obj)
+        if owner is not None and owner.peer is not None:
+            peer = owner.peer  # the client a PROXY header named, not the balancer
         operations.append(
             PendingOperation(kind, state, fileno, local, peer, nbytes, started, now - started)
         )

@@ -20,8 +20,8 @@ second one kills them.  With ``drain_seconds``, the first one only makes the poo
 while the workers keep serving for that long; a second one then stops them at once.  A stop
 signal that arrives while the pool is still starting is kept and acted on as soon as its loop
 runs.  A worker given SIGTERM itself (a service manager signalling every process of the
-service) drains the same way, after its own ``drain_seconds`` of not being ready.  No worker outlives the parent:
-each treats the end of its control pipe as an order to stop.
+service) drains the same way, after its own ``drain_seconds`` of not being ready.  No worker
+outlives the parent: each treats the end of its control pipe as an order to stop.
 
 The parent also answers for the workers: it asks each one over its control pipe
 (:meth:`WorkerPool.collect`), and :class:`WorkersView` (``_workers_view.py``) turns the answers
