@@ -234,10 +234,10 @@ def header(records: list[dict[str, Any]], machine: dict[str, Any]) -> list[str]:
             "",
         ]
     for where in (machine, rerun or {}):
-        if str(where.get("wineserver", "")).startswith("shared"):
+        if str(where.get("wineserver", "")).startswith("already running"):
             lines += [
                 f"Wine's server was {where['wineserver']} (run {where['run']}): the figures "
-                "under Wine shared it with those programs.",
+                "under Wine shared it with whatever else ran under Wine meanwhile.",
                 "",
             ]
     errors = list(machine.get("errors") or []) + list((rerun or {}).get("errors") or [])

@@ -1192,10 +1192,9 @@ WINE_SYSTEM = frozenset(
 
 
 def wine_programs(proc: Path = Path("/proc")) -> list[str]:
-    """The names of the Windows programs running under Wine (Wine's own left out): another
-    user of the shared wineserver, which a run must then not stop.  A Wine process's command
-    line starts with its Windows program (``C:\\windows\\system32\\services.exe``, or a Unix
-    path ending in ``python.exe``)."""
+    """The names of the programs running under Wine, and of a running wineserver: a Wine
+    process's command line starts with its Windows program (``C:\\windows\\...\\services.exe``,
+    or a Unix path ending in ``python.exe``)."""
     found = []
     for entry in proc.iterdir():
         if entry.name.isdigit():
@@ -1204,9 +1203,35 @@ def wine_programs(proc: Path = Path("/proc")) -> list[str]:
             except OSError:
                 continue
             name = program.decode(errors="replace").replace("\\", "/").rsplit("/", 1)[-1]
-            if name.lower().endswith(".exe") and name.lower() not in WINE_SYSTEM:
+            if name.lower().endswith(".exe") or name.startswith("wineserver"):
                 found.append(name)
     return found
+
+
+def wine_users(running: list[str]) -> list[str]:
+    """The programs of *running* (:func:`wine_programs`) that are not Wine's own."""
+    return sorted(
+        {
+            name
+            for name in running
+            if name.lower() not in WINE_SYSTEM and not name.startswith("wineserver")
+        }
+    )
+
+
+def wineserver_note(running: list[str]) -> str:
+    """What the run does with Wine's server, given what runs under Wine (:func:`wine_programs`):
+    one already running is shared by every Wine program of the prefix (the tests' too, which
+    start and stop Wine programs all the time), so it is left alone, unpinned, and the report
+    says so; otherwise the run's first server starts it, pinned with the servers."""
+    if not running:
+        return "started by the run, pinned with the servers"
+    users = wine_users(running)
+    return (
+        "already running at the start (shared"
+        + (f" with {', '.join(users)}" if users else " with Wine's own programs")
+        + "): used as it was, not restarted, not pinned with the servers"
+    )
 
 
 def _wine_workers() -> set[int]:
@@ -1452,20 +1477,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown mode(s): {', '.join(sorted(modes - ALL_MODES - EXTRA_MODES))}")
     provision()
     unusable = provision_loops()
-    others = wine_programs()
-    if others:
-        # The wineserver is shared by every Wine program of the prefix: stopping it would
-        # break theirs.  The run uses it as it is, unpinned, and says so.
-        wineserver = (
-            f"shared with {len(others)} other Wine program(s) running at the start "
-            f"({', '.join(sorted(set(others)))}): not restarted, not pinned with the servers"
-        )
-        say(f"wineserver {wineserver}")
-    else:
-        subprocess.run(
-            [str(winpy.WINESERVER), "-k"], env=winpy.wine_environment(), capture_output=True
-        )  # restart it pinned with the servers
-        wineserver = "restarted at the start, pinned with the servers"
+    running = wine_programs()
+    deadline = time.monotonic() + 20
+    while running and not wine_users(running) and time.monotonic() < deadline:
+        time.sleep(0.5)  # one that served only provisioning: it exits once idle a few seconds
+        running = wine_programs()
+    wineserver = wineserver_note(running)
+    say(f"wineserver: {wineserver}")
     names = set(options.only.split(",")) if options.only else None
     chosen, left_out = choose(servers(), names, options.platform, modes, unusable)
     remeasured = extra_platforms(modes, names, options.platform)

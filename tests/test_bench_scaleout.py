@@ -297,7 +297,9 @@ def test_the_proxy_header_cost_is_judged_against_five_percent_on_the_paired_rati
     assert "| iocp_echo | linux-3.13 | proxy-churn |" not in text
 
 
-def test_a_run_leaves_a_wineserver_that_other_wine_programs_use_running(tmp_path: Path) -> None:
+def test_a_run_leaves_a_running_wineserver_alone(tmp_path: Path) -> None:
+    """The prefix's wineserver is shared by every Wine program (the tests' too, which start
+    and stop Wine programs all the time): a run that stopped it broke theirs."""
     programs = {
         "101": b"C:\\windows\\system32\\services.exe\0",
         "102": b"C:\\windows\\system32\\winedevice.exe\0",
@@ -310,13 +312,19 @@ def test_a_run_leaves_a_wineserver_that_other_wine_programs_use_running(tmp_path
         (tmp_path / pid).mkdir()
         (tmp_path / pid / "cmdline").write_bytes(cmdline)
     (tmp_path / "106").mkdir()  # gone before its command line could be read
-    assert run.wine_programs(tmp_path) == ["python.exe"]
-    machine = MACHINE | {
-        "run": "2026-11-30 10:00",
-        "wineserver": "shared with 1 other Wine program(s) running at the start (python.exe): "
-        "not restarted, not pinned with the servers",
-    }
-    text = report.markdown([], machine)
-    assert "Wine's server was shared with 1 other Wine program(s) running at the start" in text
-    quiet = report.markdown([], MACHINE | {"wineserver": "restarted at the start, pinned"})
+    running = run.wine_programs(tmp_path)
+    assert sorted(running) == ["python.exe", "services.exe", "winedevice.exe", "wineserver64"]
+    assert run.wine_users(running) == ["python.exe"]
+    note = run.wineserver_note(running)
+    assert note == (
+        "already running at the start (shared with python.exe): used as it was, not "
+        "restarted, not pinned with the servers"
+    )
+    assert run.wineserver_note(["wineserver64", "services.exe"]).startswith(
+        "already running at the start (shared with Wine's own programs)"
+    )
+    assert run.wineserver_note([]) == "started by the run, pinned with the servers"
+    text = report.markdown([], MACHINE | {"run": "2026-11-30 10:00", "wineserver": note})
+    assert "Wine's server was already running at the start (shared with python.exe)" in text
+    quiet = report.markdown([], MACHINE | {"wineserver": run.wineserver_note([])})
     assert "Wine's server was" not in quiet
