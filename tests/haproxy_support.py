@@ -17,6 +17,7 @@ back and nothing more.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -39,12 +40,12 @@ from typing import Any, TextIO
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "haproxy.cfg"
-WINPY = ROOT / "tools" / "winpy.py"
 
 # tools/ is a folder of scripts, not a package: check.py imports its neighbours the same way.
 # ("as haproxy": the test module reaches it through this one.)
 sys.path.insert(0, str(ROOT / "tools"))
 import haproxy as haproxy  # noqa: E402
+import winpy  # noqa: E402
 
 LISTENING = re.compile(r"listening on (\S+):(\d+) \(backend: ([^)]+\))\)")
 ADMIN = re.compile(r"admin snapshot on http://([^/]+):(\d+)/")
@@ -73,20 +74,10 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 # -- instances ---------------------------------------------------------------------------------
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is *pid* (winpy.py's Wine child), from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
+@functools.cache
+def _windows_python(version: str) -> str:
+    """Windows CPython *version*'s python.exe, provisioned once (tools/winpy.py)."""
+    return str(winpy.provision(version))
 
 
 class Instance:
@@ -95,8 +86,15 @@ class Instance:
     Its stdout is read by a thread (the lines saying where it listens); its stderr, the log,
     goes to ``<name>.log`` in the test's folder, appended to across restarts, and is quoted
     when something fails.  Natively it is stopped with SIGTERM, as a service manager does;
-    under Wine with SIGINT, which Wine delivers to the Windows process as a console Ctrl-C
-    (winpy.py forwards it).
+    under Wine with SIGINT, which Wine delivers to the Windows process as a console Ctrl-C.
+
+    Under Wine it runs as ``wine64 python.exe`` with tools/winpy.py's provisioning and
+    environment, not through ``winpy.py``'s own runner: that one returns only once the
+    Windows process's output has ended, and the first Wine process of a prefix hands its
+    stdout and stderr down to the Wine services it starts (wineserver, services.exe,
+    explorer.exe...), which keep them open until the last Wine process ends.  With two
+    instances, the first to stop would look as if it never did.  Here the process waited for
+    is the Windows process itself, and its output is copied by threads that may outlive it.
     """
 
     def __init__(
@@ -138,7 +136,7 @@ class Instance:
         ]
         if self.wine_python is None:
             return [sys.executable, *args]
-        return [sys.executable, str(WINPY), "--python", self.wine_python, *args]
+        return [str(winpy.WINE), _windows_python(self.wine_python), *args]
 
     def start(self) -> Instance:
         """Start it (on the ports it had, after a restart) and wait until both ports are open."""
@@ -149,20 +147,25 @@ class Instance:
         """Start the process; :meth:`wait_started` waits for it (so several start at once)."""
         assert self.process is None or self.process.poll() is not None
         self._lines = queue.Queue()
+        command = self.command()
         with open(self.log_path, "a") as log:
-            log.write(f"--- {self.name}: {' '.join(self.command())}\n")
+            log.write(f"--- {self.name}: {' '.join(command)}\n")
             log.flush()
             self.process = subprocess.Popen(
-                self.command(),
+                command,
                 stdout=subprocess.PIPE,
-                stderr=log,
+                # Windows CPython under Wine cannot start with a file as stderr: a pipe, copied.
+                stderr=log if self.wine_python is None else subprocess.PIPE,
                 stdin=subprocess.DEVNULL,
                 text=True,
                 cwd=ROOT,
+                env=None if self.wine_python is None else winpy.wine_environment(),
                 # A runner that started the suite with SIGINT ignored must not pass that on.
                 preexec_fn=_default_signals,
             )
         threading.Thread(target=self._pump, args=(self.process.stdout,), daemon=True).start()
+        if self.wine_python is not None:
+            threading.Thread(target=self._log, args=(self.process.stderr,), daemon=True).start()
 
     def wait_started(self) -> Instance:
         """Wait for the lines that say where it listens (its echo port, then its admin port)."""
@@ -180,6 +183,13 @@ class Instance:
         for line in stream:
             self._lines.put(line)
         self._lines.put(None)
+
+    def _log(self, stream: TextIO | None) -> None:
+        assert stream is not None
+        with open(self.log_path, "a") as log:
+            for line in stream:
+                log.write(line)
+                log.flush()
 
     def _expect(self, pattern: re.Pattern[str]) -> str:
         deadline = time.monotonic() + self.startup_timeout
@@ -209,8 +219,8 @@ class Instance:
         self.process.send_signal(self.stop_signal)
 
     def kill(self) -> None:
-        """SIGKILL: no drain, no goodbye (only natively: under Wine it would orphan Wine's)."""
-        assert self.process is not None and self.wine_python is None
+        """SIGKILL: no drain, no goodbye."""
+        assert self.process is not None
         self.process.kill()
 
     def wait(self, timeout: float) -> int:
@@ -224,12 +234,10 @@ class Instance:
 
     def close(self) -> None:
         """Leave nothing running, quickly: the stop signal, and once the instance drains (its
-        /readyz says so) a second one, which stops it at once; SIGKILL (Wine's process too) if
-        it does not."""
+        /readyz says so) a second one, which stops it at once; SIGKILL if it does not."""
         process = self.process
         if process is None or process.poll() is not None:
             return
-        victims = _children(process.pid) if self.wine_python else []
         try:
             process.send_signal(self.stop_signal)
             wait_for(lambda: process.poll() is not None or not self._ready(), 30, "a drain")
@@ -239,11 +247,6 @@ class Instance:
             return
         except (AssertionError, subprocess.TimeoutExpired):
             pass
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         process.kill()
         process.wait(30)
 
@@ -502,6 +505,27 @@ def echo_once(
                             )
                         return bytes(received)
                     received += chunk
+
+
+def wait_refused(port: int, timeout: float) -> float:
+    """Connect to *port* until the connection is refused; return when that happened.
+
+    A process that is reaped may not have closed its listener yet: on Linux, io_uring tears a
+    ring down after the process has gone, and the listening socket that its pending accepts
+    hold stays open for those few milliseconds (the kernel completes handshakes, then resets
+    them).  A refusal is the moment nothing can connect any more.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=timeout).close()
+        except ConnectionRefusedError:
+            return time.monotonic()
+        except OSError:
+            pass  # accepted by the kernel, then reset: the listener is going
+        if time.monotonic() > deadline:
+            raise AssertionError(f"port {port} still accepts connections {timeout} s later")
+        time.sleep(0.001)
 
 
 def proxy_v1_header(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
