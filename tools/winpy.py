@@ -235,6 +235,10 @@ def wine_environment() -> dict[str, str]:
     return env
 
 
+#: Seconds to finish copying a Wine process's output once it has exited.
+PUMP_GRACE = 5.0
+
+
 def run(version: str, args: list[str]) -> int:
     """Run ``python.exe *args`` under Wine and return its exit status.
 
@@ -273,8 +277,12 @@ def run(version: str, args: list[str]) -> int:
     for pump in pumps:
         pump.start()
     status = process.wait()
+    # What the process wrote is in the pipes by now; but the first Wine process of a prefix
+    # hands its stdout and stderr down to the Wine services it starts (wineserver,
+    # services.exe, ...), which keep them open after it exits: wait for the rest of the
+    # output, not for the pipes' end.
     for pump in pumps:
-        pump.join()
+        pump.join(PUMP_GRACE)
     return status
 
 
