@@ -245,7 +245,7 @@ def test_the_balanced_rows_show_the_ratio_to_direct_and_where_the_cpu_went() -> 
     assert "not quiet" not in section  # others used 0.05 cores at most: not worth a word
     assert "instance 1: v1 1, v2 2,210; instance 2: v1 1, v2 2,205." in section
     busy = [r | {"other_cpu": 0.4} if r["setup"] == "go" else r for r in records]
-    assert "Other processes used up to 0.40 cores" in report.markdown(busy, MACHINE)
+    assert "The rest of the machine used up to 0.40 cores" in report.markdown(busy, MACHINE)
     # These rows stay out of the suite's own tables.
     assert "| iocp_echo | linux-3.13 | balanced |" not in text
 
@@ -264,8 +264,12 @@ def test_the_proxy_header_cost_is_judged_against_five_percent_on_the_paired_rati
     assert report.proxy_goal(0.9494) == "missed (costs 5.1%; goal ≤ 5%)"
     assert report.proxy_goal(1.02) == "met (costs -2.0%; goal ≤ 5%)"
     assert report.proxy_goal(None) == "–"
+    # On the server's CPU per connection: what a saturated server's rate would lose.
+    assert report.proxy_cpu_goal(1.25) == "missed (costs 20.0%; goal ≤ 5%)"
+    assert report.proxy_cpu_goal(1.05) == "met (costs 4.8%; goal ≤ 5%)"
+    assert report.proxy_cpu_goal(None) == "–"
     records = [
-        window("plain", 12000.0, server_us_per_conn=60.0, client_cpu=0.95, repeats=6),
+        window("plain", 12000.0, server_us_per_conn=60.0, server_cpu=0.58, repeats=6),
         window(
             "v2",
             11500.0,
@@ -276,7 +280,7 @@ def test_the_proxy_header_cost_is_judged_against_five_percent_on_the_paired_rati
         ),
         window("v1", 11000.0, server_us_per_conn=64.0, pair_rps_ratio=0.93, pair_cpu_ratio=1.07),
         window("v2-joined", 11900.0, pair_rps_ratio=0.992),
-        window("plain", 1600.0, platform="wine", runtime="wine-3.13", client_cpu=0.1),
+        window("plain", 1600.0, platform="wine", runtime="wine-3.13", server_cpu=0.98),
         window("v2", 1580.0, platform="wine", runtime="wine-3.13", pair_rps_ratio=0.99),
     ]
     text = report.markdown(records, MACHINE)
@@ -284,14 +288,20 @@ def test_the_proxy_header_cost_is_judged_against_five_percent_on_the_paired_rati
     native = section.split("### Native Linux")[1]
     assert "| v2 | 11,500 | 0.970× | 0.958× | – | 100 | 63.0 | 1.050× | 0.90 | 0.50 |" in native
     assert "| plain | 12,000 | – | – |" in native
-    assert "up to 0.95 cores here" in native  # the client-bound note, natively only
-    assert "up to" not in section.split("### Under Wine")[1].split("### Native")[0]
+    # A plain server below a core did not set the rate: said natively, not under Wine.
+    assert "The server without the header used 0.58 of its core here" in native
+    assert "of its core here" not in section.split("### Under Wine")[1].split("### Native")[0]
     assert "v1 3, v2 40,000." in native  # outcomes counted by the server; zeros left out
-    assert "| v2 | natively | met (costs 3.0%; goal ≤ 5%) |" in section
-    assert "| v1 | natively | missed (costs 7.0%; goal ≤ 5%) |" in section
-    assert "| v2 | under Wine | met (costs 1.0%; goal ≤ 5%) |" in section
+    assert (
+        "| v2 | natively | met (costs 3.0%; goal ≤ 5%) | met (costs 4.8%; goal ≤ 5%) |" in section
+    )
+    assert (
+        "| v1 | natively | missed (costs 7.0%; goal ≤ 5%) | missed (costs 6.5%; goal ≤ 5%) |"
+        in section
+    )
+    assert "| v2 | under Wine | met (costs 1.0%; goal ≤ 5%) | – |" in section
     assert "| v2, in the request's write | 11,900 | 0.992× |" in native
-    assert "| v2, in the request's write | natively | met (costs 0.8%; goal ≤ 5%) |" in section
+    assert "| v2, in the request's write | natively | met (costs 0.8%; goal ≤ 5%) | – |" in section
     # Rows in a fixed order: plain, v2, v1, then v2 in one write.
     assert native.index("| plain |") < native.index("| v2 |") < native.index("| v1 |")
     assert "| iocp_echo | linux-3.13 | proxy-churn |" not in text
