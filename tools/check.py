@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import haproxy
+import nginx
 import winpy
 
 ROOT = winpy.ROOT
@@ -172,6 +173,8 @@ def main() -> int:
         winpy.provision(version)
     say("provisioning HAProxy")
     haproxy.provision()  # where it cannot be installed, tests/test_haproxy.py says why it skips
+    say("provisioning nginx")
+    nginx.provision()  # likewise tests/test_nginx.py; a service the package started is stopped
     venvs = {version: ensure_venv(version, dev_requirements()) for version in versions}
 
     if options.only in (None, "lint"):
