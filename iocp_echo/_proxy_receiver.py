@@ -27,6 +27,7 @@ scanner, would otherwise write a line per connection.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 from typing import Any
@@ -50,12 +51,21 @@ logger = logging.getLogger("iocp_echo.proxy")
 #: Lines logged as they are per refusal kind per interval (the rest are counted).
 LOG_BURST = 1
 LOG_INTERVAL = 60.0
+#: How early a header deadline may be acted on (see ``ProxyPolicy._expire``).
+_DEADLINE_SLACK = 0.02
 
 
 class ProxyPolicy:
-    """One server's PROXY settings, counters and log limiter."""
+    """One server's PROXY settings, counters, log limiter, and header deadlines.
 
-    __slots__ = ("_log", "loop", "outcomes", "timeout", "trusted")
+    Deadlines: every header gets the same *timeout*, so they expire in the order connections
+    came.  One timer for the whole server, set for the oldest deadline, and a queue of
+    ``(deadline, reader)`` in arrival order cost a connection an append, where a timer per
+    connection (``call_later``, then ``cancel``) cost it a heap push and pop.  A reader that
+    is done stays queued until its deadline, holding nothing but itself.
+    """
+
+    __slots__ = ("_log", "_timer", "_watched", "loop", "outcomes", "timeout", "trusted")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, trusted: TrustedSources, timeout: float
@@ -65,6 +75,34 @@ class ProxyPolicy:
         self.timeout = timeout
         self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self._log = LogLimiter(logger, burst=LOG_BURST, interval=LOG_INTERVAL)
+        self._watched: collections.deque[tuple[float, HeaderReader]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, reader: HeaderReader) -> None:
+        """Time *reader* out (``HeaderReader._expired``) *timeout* seconds from now."""
+        deadline = self.loop.time() + self.timeout
+        self._watched.append((deadline, reader))
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        # A timer may run a little before its time (the loop's clock resolution: 15.6 ms on
+        # Windows); a deadline that close is due, rather than a timer per clock tick.
+        now = self.loop.time() + _DEADLINE_SLACK
+        watched = self._watched
+        while watched and watched[0][0] <= now:
+            watched.popleft()[1]._expired()
+        if watched:
+            self._timer = self.loop.call_at(watched[0][0], self._expire)
+
+    def close(self) -> None:
+        """The server is closed: no deadline is left to keep (nor a timer on the loop)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._watched.clear()
+        self._log.flush(force=True)
 
     def accepted(self, header: ProxyHeader) -> None:
         if header.command == "LOCAL":
@@ -87,26 +125,25 @@ class ProxyPolicy:
             error_class=outcome,
         )
 
-    def flush(self, force: bool = False) -> None:
-        self._log.flush(force=force)
+    def flush(self) -> None:
+        self._log.flush()
 
 
 class HeaderReader(asyncio.Protocol):
     """A connection's protocol until its PROXY header is read (see the module docstring)."""
 
-    __slots__ = ("_buffer", "_done", "_policy", "_protocol", "_timer", "_transport")
+    __slots__ = ("_buffer", "_done", "_policy", "_protocol", "_transport")
 
     def __init__(self, protocol: asyncio.BaseProtocol, policy: ProxyPolicy) -> None:
         self._protocol = protocol
         self._policy = policy
         self._transport: Any = None
         self._buffer: bytearray | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._done = False  # an outcome has been counted
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
-        self._timer = self._policy.loop.call_later(self._policy.timeout, self._expired)
+        self._policy.watch(self)
 
     def data_lent(self, view: memoryview) -> None:
         """The first reads: parse them (usually the whole header is in the first one)."""
@@ -128,10 +165,11 @@ class HeaderReader(asyncio.Protocol):
                 self._buffer = bytearray(view)
             return
         rest = bytes(data[header.length :])
+        transport, protocol = self._transport, self._protocol
         self._buffer = None
         self._finish()
         self._policy.accepted(header)
-        self._transport._hand_over(self._protocol, header, rest)
+        transport._hand_over(protocol, header, rest)
 
     def data_received(self, data: bytes) -> None:
         self.data_lent(memoryview(data))
@@ -143,27 +181,30 @@ class HeaderReader(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._done and exc is not None:
+            peer = self._peer()
             self._finish()
             error = f"{type(exc).__name__}: {exc} (OS error {os_error_code(exc)})"
-            self._policy.refused("incomplete", self._peer(), error, level=logging.INFO)
+            self._policy.refused("incomplete", peer, error, level=logging.INFO)
         self._finish()  # (closed by the server: not the client's outcome to count)
 
     def _expired(self) -> None:
-        self._timer = None
+        """The header deadline passed (called by the policy; nothing once done)."""
         if not self._done:
             self._refuse("timeout", f"not complete within {self._policy.timeout:g} s")
 
     def _refuse(self, outcome: str, reason: str, *, level: int = logging.WARNING) -> None:
+        transport, peer = self._transport, self._peer()
         self._finish()
-        self._buffer = None
-        self._policy.refused(outcome, self._peer(), reason, level=level)
-        self._transport.abort()
+        self._policy.refused(outcome, peer, reason, level=level)
+        transport.abort()
 
     def _finish(self) -> None:
+        """Done: let go of the connection (the policy's deadline queue keeps this reader
+        until its deadline, and must not keep the connection with it)."""
         self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._buffer = None
+        self._transport = None
+        self._protocol = None  # type: ignore[assignment]
 
     def _peer(self) -> Any:
         return self._transport.get_extra_info("peername") if self._transport else None

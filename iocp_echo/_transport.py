@@ -334,7 +334,12 @@ class CompletionTransport(_BASE):  # type: ignore[misc,valid-type]
         self.set_protocol(protocol)
         protocol.connection_made(self)
         if rest and not self._closing:
-            self._hold(rest, first=True)
+            if self._reading and self._backlog is None:
+                # Now, as this read's delivery would have been had there been no header:
+                # nothing waits before it (a loop iteration and a copy fewer per connection).
+                self._dispatch(rest)
+            else:
+                self._hold(rest, first=True)
 
     # -- what a backend implements ----------------------------------------------------------
 

@@ -23,10 +23,11 @@ type-length-value extensions (TLVs) that fill the rest exactly.  TLVs are kept, 
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT",
@@ -72,7 +73,15 @@ _V2_FIXED = 16  # signature, version and command, family, length
 _V2_COMMANDS = {0x20: "LOCAL", 0x21: "PROXY"}
 _V2_FAMILIES = {0x00: 0, 0x11: 12, 0x21: 36, 0x31: 216}  # family byte: address block size
 _V2_UNSPEC, _V2_TCP4, _V2_TCP6 = 0x00, 0x11, 0x21
-_PRINTABLE = frozenset(range(0x20, 0x7F))
+_V2_HEAD = struct.Struct("!12sBBH")
+_V4_BLOCK = struct.Struct("!4s4sHH")
+_V6_BLOCK = struct.Struct("!16s16sHH")
+_TLV_HEAD = struct.Struct("!BH")
+_NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e]")
+#: An IPv4 address as version 1 writes it: four numbers 0-255, no leading zeros.
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
 
 
 class ProxyHeaderError(ValueError):
@@ -83,13 +92,13 @@ class ProxyHeaderError(ValueError):
         self.outcome: Outcome = outcome
 
 
-@dataclass(frozen=True, slots=True)
-class ProxyHeader:
+class ProxyHeader(NamedTuple):
     """One parsed header.
 
     *source* and *destination* are ``(host, port)``, or ``None`` when the header carries no
     address (``LOCAL``, version 1 ``UNKNOWN``, version 2 ``UNSPEC`` or ``UNIX``): then the
-    connection's own addresses stand.  *length* is how many bytes the header took.
+    connection's own addresses stand.  *length* is how many bytes the header took.  (A named
+    tuple: one is made per connection, and it is the cheapest immutable record.)
     """
 
     version: int
@@ -126,7 +135,7 @@ def bytes_wanted(data: bytes | bytearray | memoryview) -> int:
     if data[0] == V2_SIGNATURE[0]:
         if size < _V2_FIXED:
             return _V2_FIXED - size
-        length: int = struct.unpack_from("!H", data, 14)[0]
+        length: int = _V2_HEAD.unpack_from(data)[3]
         return _V2_FIXED + length - size
     return max(1, _V1_SHORTEST - size)
 
@@ -137,8 +146,8 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
         raise ProxyHeaderError("malformed", "not a PROXY protocol header")
     end = data.find(b"\r\n")
     line = data if end < 0 else data[:end]
-    bad = next((b for b in line if b not in _PRINTABLE), None)
-    if bad is not None and not (end < 0 and bad == 0x0D and line.index(b"\r") == len(line) - 1):
+    bad = _NOT_PRINTABLE.search(line)
+    if bad is not None and not (end < 0 and bad.start() == len(line) - 1 and line[-1] == 0x0D):
         raise ProxyHeaderError("malformed", "version 1 header has a byte that is not printable")
     if end < 0:
         if len(data) >= MAX_V1_LENGTH:
@@ -160,6 +169,8 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
 
 
 def _v1_host(text: str, version: int) -> str:
+    if version == 4 and _IPV4.fullmatch(text):
+        return text  # already canonical: four decimal numbers, no leading zeros
     try:
         if "%" in text:
             raise ValueError("a scope")
@@ -174,7 +185,7 @@ def _v1_host(text: str, version: int) -> str:
 
 
 def _v1_port(text: str) -> int:
-    if not text.isdigit() or not text.isascii() or (len(text) > 1 and text[0] == "0"):
+    if not _PORT.fullmatch(text):
         raise ProxyHeaderError("malformed", f"version 1 header has a bad port {text!r}")
     port = int(text)
     if port > 65535:
@@ -184,19 +195,33 @@ def _v1_port(text: str) -> int:
 
 def _parse_v2(data: bytes | bytearray | memoryview) -> ProxyHeader | None:
     size = len(data)
-    prefix = min(size, len(V2_SIGNATURE))
-    if bytes(data[:prefix]) != V2_SIGNATURE[:prefix]:
-        raise ProxyHeaderError("malformed", "not a PROXY protocol header")
-    if size > 12 and data[12] not in _V2_COMMANDS:
-        raise ProxyHeaderError("malformed", f"version 2 header: bad version/command {data[12]:#x}")
-    if size > 13 and data[13] not in _V2_FAMILIES:
-        raise ProxyHeaderError(
-            "malformed", f"version 2 header: unsupported family/transport {data[13]:#x}"
-        )
     if size < _V2_FIXED:
+        # The slow path, for a header that comes in pieces: check what is there so far.
+        prefix = min(size, len(V2_SIGNATURE))
+        if bytes(data[:prefix]) != V2_SIGNATURE[:prefix]:
+            raise ProxyHeaderError("malformed", "not a PROXY protocol header")
+        if size > 12 and data[12] not in _V2_COMMANDS:
+            raise ProxyHeaderError(
+                "malformed", f"version 2 header: bad version/command {data[12]:#x}"
+            )
+        if size > 13 and data[13] not in _V2_FAMILIES:
+            raise ProxyHeaderError(
+                "malformed", f"version 2 header: unsupported family/transport {data[13]:#x}"
+            )
         return None
-    command, family = _V2_COMMANDS[data[12]], data[13]
-    (length,) = struct.unpack_from("!H", data, 14)
+    signature, command_byte, family, length = _V2_HEAD.unpack_from(data)
+    if signature != V2_SIGNATURE:
+        raise ProxyHeaderError("malformed", "not a PROXY protocol header")
+    command = _V2_COMMANDS.get(command_byte)
+    if command is None:
+        raise ProxyHeaderError(
+            "malformed", f"version 2 header: bad version/command {command_byte:#x}"
+        )
+    needed = _V2_FAMILIES.get(family)
+    if needed is None:
+        raise ProxyHeaderError(
+            "malformed", f"version 2 header: unsupported family/transport {family:#x}"
+        )
     total = _V2_FIXED + length
     if total > MAX_V2_LENGTH:
         raise ProxyHeaderError(
@@ -204,44 +229,45 @@ def _parse_v2(data: bytes | bytearray | memoryview) -> ProxyHeader | None:
         )
     if size < total:
         return None
-    block = bytes(data[_V2_FIXED:total])
-    needed = _V2_FAMILIES[family]
     if command == "LOCAL":
         # The balancer's own connection: its addresses are to be ignored, whatever they are.
         try:
-            tlvs = _v2_tlvs(block[needed:]) if len(block) >= needed else ()
+            tlvs = _v2_tlvs(data, _V2_FIXED + needed, total) if length >= needed else ()
         except ProxyHeaderError:
             tlvs = ()
         return ProxyHeader(2, "LOCAL", None, None, total, tlvs)
-    if len(block) < needed:
+    if length < needed:
         raise ProxyHeaderError(
-            "malformed", f"version 2 header: {len(block)} address bytes, family needs {needed}"
+            "malformed", f"version 2 header: {length} address bytes, family needs {needed}"
         )
-    tlvs = _v2_tlvs(block[needed:])
+    start = _V2_FIXED + needed
+    tlvs = _v2_tlvs(data, start, total) if total > start else ()
     source = destination = None
     if family == _V2_TCP4:
-        src, dst, sport, dport = struct.unpack_from("!4s4sHH", block)
-        source = (str(ipaddress.IPv4Address(src)), sport)
-        destination = (str(ipaddress.IPv4Address(dst)), dport)
+        src, dst, sport, dport = _V4_BLOCK.unpack_from(data, _V2_FIXED)
+        source = (socket.inet_ntoa(src), sport)
+        destination = (socket.inet_ntoa(dst), dport)
     elif family == _V2_TCP6:
-        src, dst, sport, dport = struct.unpack_from("!16s16sHH", block)
+        src, dst, sport, dport = _V6_BLOCK.unpack_from(data, _V2_FIXED)
         source = (str(ipaddress.IPv6Address(src)), sport)
         destination = (str(ipaddress.IPv6Address(dst)), dport)
     # UNSPEC and UNIX: no IP address to use; the connection's own addresses stand.
     return ProxyHeader(2, "PROXY", source, destination, total, tlvs)
 
 
-def _v2_tlvs(rest: bytes) -> tuple[tuple[int, bytes], ...]:
+def _v2_tlvs(
+    data: bytes | bytearray | memoryview, offset: int, end: int
+) -> tuple[tuple[int, bytes], ...]:
+    """The TLVs in ``data[offset:end]``, which they must fill exactly."""
     tlvs = []
-    offset = 0
-    while offset < len(rest):
-        if len(rest) - offset < 3:
+    while offset < end:
+        if end - offset < 3:
             raise ProxyHeaderError("malformed", "version 2 header: truncated TLV")
-        kind, length = struct.unpack_from("!BH", rest, offset)
+        kind, length = _TLV_HEAD.unpack_from(data, offset)
         offset += 3
-        if offset + length > len(rest):
+        if offset + length > end:
             raise ProxyHeaderError("malformed", "version 2 header: TLV longer than the header")
-        tlvs.append((kind, rest[offset : offset + length]))
+        tlvs.append((kind, bytes(data[offset : offset + length])))
         offset += length
     return tuple(tlvs)
 

@@ -423,7 +423,7 @@ class EchoServer(Accepting, Reporting, Sweeping):
             await self._drain_operations()
             self._log.flush(force=True)
             if self._proxy is not None:
-                self._proxy.flush(force=True)
+                self._proxy.close()
             if self._engine is not None:
                 self._engine.close()
         finally:
