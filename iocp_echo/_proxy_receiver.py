@@ -164,7 +164,9 @@ class HeaderReader(asyncio.Protocol):
             if buffer is None:
                 self._buffer = bytearray(view)
             return
-        rest = bytes(data[header.length :])
+        # What followed the header: a view of the buffer being lent (delivered on at once,
+        # it is lent on too), or a copy out of this reader's own buffer.
+        rest = view[header.length :] if buffer is None else bytes(data[header.length :])
         transport, protocol = self._transport, self._protocol
         self._buffer = None
         self._finish()

@@ -319,11 +319,18 @@ class CompletionTransport(_BASE):  # type: ignore[misc,valid-type]
             self.last_activity = now
         return self.last_activity
 
-    def _hand_over(self, protocol: asyncio.BaseProtocol, header: Any, rest: bytes) -> None:
+    def _hand_over(
+        self, protocol: asyncio.BaseProtocol, header: Any, rest: bytes | memoryview
+    ) -> None:
         """A PROXY header was read (``_proxy_receiver.HeaderReader``): the client it names
         is this connection's peer from now on, *protocol* takes the connection
         (``connection_made`` now), and *rest*, what followed the header in the same read, is
-        its first data, delivered before anything read later and never while it pauses."""
+        its first data, delivered before anything read later and never while it pauses.
+
+        Called while the header reader is being delivered a read.  *rest* is then either
+        bytes, or a view of the very buffer being lent (a ``memoryview``): delivered now, it
+        is lent on in its turn, so an echo of it is sent from the pooled buffer, as it would
+        have been had there been no header."""
         self._proxy = (header, self._peer)
         if header.source is not None:
             self._peer = header.source
@@ -333,13 +340,20 @@ class CompletionTransport(_BASE):  # type: ignore[misc,valid-type]
             )
         self.set_protocol(protocol)
         protocol.connection_made(self)
-        if rest and not self._closing:
-            if self._reading and self._backlog is None:
-                # Now, as this read's delivery would have been had there been no header:
-                # nothing waits before it (a loop iteration and a copy fewer per connection).
-                self._dispatch(rest)
-            else:
-                self._hold(rest, first=True)
+        if not rest or self._closing:
+            return
+        if not self._reading or self._backlog is not None:
+            self._hold(bytes(rest), first=True)
+        elif type(rest) is memoryview and self._lend is not None:
+            lent, self._lent = self._lent, rest
+            try:
+                self._lend(rest)
+            finally:
+                self._lent = lent
+        else:
+            # Now, as this read's delivery would have been had there been no header: nothing
+            # waits before it (a loop iteration and a copy fewer per connection).
+            self._dispatch(rest)
 
     # -- what a backend implements ----------------------------------------------------------
 
