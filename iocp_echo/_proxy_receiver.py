@@ -27,7 +27,6 @@ scanner, would otherwise write a line per connection.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import socket
 from typing import Any
@@ -51,21 +50,31 @@ logger = logging.getLogger("iocp_echo.proxy")
 #: Lines logged as they are per refusal kind per interval (the rest are counted).
 LOG_BURST = 1
 LOG_INTERVAL = 60.0
-#: How early a header deadline may be acted on (see ``ProxyPolicy._expire``).
-_DEADLINE_SLACK = 0.02
+#: Bounds of how often the header deadlines are checked (see ``ProxyPolicy``).
+_CHECK_MIN = 0.05
+_CHECK_MAX = 1.0
 
 
 class ProxyPolicy:
     """One server's PROXY settings, counters, log limiter, and header deadlines.
 
-    Deadlines: every header gets the same *timeout*, so they expire in the order connections
-    came.  One timer for the whole server, set for the oldest deadline, and a queue of
-    ``(deadline, reader)`` in arrival order cost a connection an append, where a timer per
-    connection (``call_later``, then ``cancel``) cost it a heap push and pop.  A reader that
-    is done stays queued until its deadline, holding nothing but itself.
+    Deadlines: the readers still waiting for their header are kept in a set, and one timer
+    for the whole server, running only while the set is not empty, checks them every quarter
+    of the timeout (at most every second): a deadline is kept to within that much, late
+    rather than early.  A connection costs an add and a discard, where a timer of its own
+    (``call_later``, then ``cancel``) cost a heap push and pop and a handle per connection.
     """
 
-    __slots__ = ("_log", "_timer", "_watched", "loop", "outcomes", "timeout", "trusted")
+    __slots__ = (
+        "_check_every",
+        "_log",
+        "_timer",
+        "_watched",
+        "loop",
+        "outcomes",
+        "timeout",
+        "trusted",
+    )
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, trusted: TrustedSources, timeout: float
@@ -75,26 +84,27 @@ class ProxyPolicy:
         self.timeout = timeout
         self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self._log = LogLimiter(logger, burst=LOG_BURST, interval=LOG_INTERVAL)
-        self._watched: collections.deque[tuple[float, HeaderReader]] = collections.deque()
+        self._watched: set[HeaderReader] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._check_every = max(_CHECK_MIN, min(timeout / 4, _CHECK_MAX))
 
     def watch(self, reader: HeaderReader) -> None:
         """Time *reader* out (``HeaderReader._expired``) *timeout* seconds from now."""
-        deadline = self.loop.time() + self.timeout
-        self._watched.append((deadline, reader))
+        reader._started = self.loop.time()
+        self._watched.add(reader)
         if self._timer is None:
-            self._timer = self.loop.call_at(deadline, self._expire)
+            self._timer = self.loop.call_later(self._check_every, self._expire)
+
+    def unwatch(self, reader: HeaderReader) -> None:
+        self._watched.discard(reader)
 
     def _expire(self) -> None:
         self._timer = None
-        # A timer may run a little before its time (the loop's clock resolution: 15.6 ms on
-        # Windows); a deadline that close is due, rather than a timer per clock tick.
-        now = self.loop.time() + _DEADLINE_SLACK
-        watched = self._watched
-        while watched and watched[0][0] <= now:
-            watched.popleft()[1]._expired()
-        if watched:
-            self._timer = self.loop.call_at(watched[0][0], self._expire)
+        due = self.loop.time() - self.timeout
+        for reader in [r for r in self._watched if r._started <= due]:
+            reader._expired()  # refuses it, which unwatches it
+        if self._watched:
+            self._timer = self.loop.call_later(self._check_every, self._expire)
 
     def close(self) -> None:
         """The server is closed: no deadline is left to keep (nor a timer on the loop)."""
@@ -132,13 +142,14 @@ class ProxyPolicy:
 class HeaderReader(asyncio.Protocol):
     """A connection's protocol until its PROXY header is read (see the module docstring)."""
 
-    __slots__ = ("_buffer", "_done", "_policy", "_protocol", "_transport")
+    __slots__ = ("_buffer", "_done", "_policy", "_protocol", "_started", "_transport")
 
     def __init__(self, protocol: asyncio.BaseProtocol, policy: ProxyPolicy) -> None:
         self._protocol = protocol
         self._policy = policy
         self._transport: Any = None
         self._buffer: bytearray | None = None
+        self._started = 0.0  # loop time of connection_made (the deadline's start)
         self._done = False  # an outcome has been counted
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -201,9 +212,10 @@ class HeaderReader(asyncio.Protocol):
         transport.abort()
 
     def _finish(self) -> None:
-        """Done: let go of the connection (the policy's deadline queue keeps this reader
-        until its deadline, and must not keep the connection with it)."""
-        self._done = True
+        """Done: no deadline any more, and nothing of the connection kept."""
+        if not self._done:
+            self._done = True
+            self._policy.unwatch(self)
         self._buffer = None
         self._transport = None
         self._protocol = None  # type: ignore[assignment]
