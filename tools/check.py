@@ -3,7 +3,8 @@
 On a fresh Debian machine with CPython 3.11, 3.12 and 3.13 (pyenv's or the system's) it:
 
 1. provisions Wine and the Windows CPythons 3.11/3.12/3.13 (``tools/winpy.py``), and Debian's
-   HAProxy for the tests behind a load balancer (``tools/haproxy.py``);
+   HAProxy and nginx for the tests behind a load balancer (``tools/haproxy.py``,
+   ``tools/nginx.py``);
 2. makes a virtual environment per native CPython under ``.cache/venv/`` with the ``dev``
    extra of ``pyproject.toml`` (redone only when the requirements change);
 3. runs ``ruff`` and ``mypy``;
