@@ -33,10 +33,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+from .helpers import wait_for as wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "haproxy.cfg"
@@ -60,15 +62,6 @@ def haproxy_or_skip_reason() -> tuple[str | None, str]:
         return haproxy.haproxy_path(), ""
     except haproxy.HAProxyUnavailable as exc:
         return None, str(exc)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll *predicate* until it holds; fail naming *what* after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 # -- instances ---------------------------------------------------------------------------------

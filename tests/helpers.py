@@ -18,6 +18,16 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what:
         await asyncio.sleep(0.005)
 
 
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll *predicate* from a plain thread (no loop to yield to) until it holds; fail naming
+    *what* after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
 async def connect(
     port: int, host: str = "127.0.0.1", *, rcvbuf: int | None = None
 ) -> socket.socket:

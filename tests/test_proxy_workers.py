@@ -20,7 +20,8 @@ import pytest
 from iocp_echo import workers
 from iocp_echo.proxy_protocol import encode_v1, encode_v2
 
-from .test_workers import recv_exactly, run_pool, snapshot, wait_for
+from .helpers import wait_for
+from .test_workers import recv_exactly, run_pool, snapshot
 
 pytestmark = pytest.mark.backend
 

@@ -29,6 +29,8 @@ import pytest
 from iocp_echo import inspector, workers
 from iocp_echo.errors import AddressInUseError
 
+from .helpers import wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = str(ROOT / "examples" / "echo.py")
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+) \(backend: (.+)\)")
@@ -46,15 +48,6 @@ def worker_entries(admin_port: int) -> list[dict[str, Any]]:
     entries = snapshot(admin_port)["stats"]["workers"]
     assert isinstance(entries, list)
     return entries
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll *predicate* (from a plain thread) until it holds; fail after *timeout* s."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def echo_once(port: int, payload: bytes, timeout: float = 30) -> bytes:
