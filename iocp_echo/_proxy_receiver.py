@@ -179,7 +179,6 @@ class HeaderReader(asyncio.Protocol):
         # it is lent on too), or a copy out of this reader's own buffer.
         rest = view[header.length :] if buffer is None else bytes(data[header.length :])
         transport, protocol = self._transport, self._protocol
-        self._buffer = None
         self._finish()
         self._policy.accepted(header)
         transport._hand_over(protocol, header, rest)
@@ -193,12 +192,10 @@ class HeaderReader(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self._done and exc is not None:
-            peer = self._peer()
-            self._finish()
+        if not self._done and exc is not None:  # (closed by the server: not counted)
             error = f"{type(exc).__name__}: {exc} (OS error {os_error_code(exc)})"
-            self._policy.refused("incomplete", peer, error, level=logging.INFO)
-        self._finish()  # (closed by the server: not the client's outcome to count)
+            self._policy.refused("incomplete", self._peer(), error, level=logging.INFO)
+        self._finish()
 
     def _expired(self) -> None:
         """The header deadline passed (called by the policy; nothing once done)."""

@@ -344,12 +344,8 @@ class CompletionTransport(_BASE):  # type: ignore[misc,valid-type]
             return
         if not self._reading or self._backlog is not None:
             self._hold(bytes(rest), first=True)
-        elif type(rest) is memoryview and self._lend is not None:
-            lent, self._lent = self._lent, rest
-            try:
-                self._lend(rest)
-            finally:
-                self._lent = lent
+        elif type(rest) is memoryview:
+            self._deliver(rest)  # lent on (a lending protocol), as the read itself would be
         else:
             # Now, as this read's delivery would have been had there been no header: nothing
             # waits before it (a loop iteration and a copy fewer per connection).
