@@ -264,10 +264,8 @@ class Accepting(ServerState):
         peer = format_address(connection.peer)
         if exc is None:
             logger.debug("connection from %s closed", peer)
-        elif self._proxy is not None and connection._proxy is None:
-            # Lost before its PROXY header was complete: the header reader counted and logged
-            # it ("incomplete"), once, as asyncio's transports' header reader does.
-            pass
+        elif self._reading_proxy_header(connection):
+            pass  # counted and logged once, as "incomplete", by the header reader
         else:
             self._errors[type(exc).__name__] += 1
             if isinstance(exc, OSError):

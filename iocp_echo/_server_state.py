@@ -70,3 +70,8 @@ class ServerState:
     _closed_bytes_in: int
     _closed_bytes_out: int
     _errors: Counter[str]
+
+    def _reading_proxy_header(self, connection: Connection) -> bool:
+        """Whether *connection* is still reading its PROXY header: until the header is
+        complete, its timeout and its loss are the header reader's to count and log."""
+        return self._proxy is not None and connection._proxy is None

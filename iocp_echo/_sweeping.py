@@ -54,8 +54,8 @@ class Sweeping(ServerState):
         timeout = self._idle_timeout
         if timeout is not None:
             for connection in list(self._connections):
-                if self._proxy is not None and connection._proxy is None:
-                    continue  # still reading its PROXY header: proxy_header_timeout's business
+                if self._reading_proxy_header(connection):
+                    continue  # proxy_header_timeout's business
                 last = connection.note_activity(now)
                 if now - last >= timeout:
                     self._log.log(
