@@ -13,7 +13,7 @@ import pytest
 import iocp_echo
 
 from .conftest import assert_nothing_left
-from .helpers import connect, echo, recv_exactly, reset, wait_until
+from .helpers import connect, connect_not_to_itself, echo, recv_exactly, reset, wait_until
 
 pytestmark = pytest.mark.backend
 
@@ -138,7 +138,7 @@ async def test_stock_asyncio_server_loses_its_listener_to_the_same_storm() -> No
         await loop.run_in_executor(None, _reset_storm, port, 300, stop, [])
         await wait_until(lambda: listener.fileno() == -1, timeout=30, what="stock listener death")
         with pytest.raises(ConnectionRefusedError):
-            await echo(port, b"anyone there?")
+            await connect_not_to_itself(port)
     finally:
         stock.close()
         await stock.wait_closed()

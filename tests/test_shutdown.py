@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 
 import pytest
 
 import iocp_echo
 
 from .conftest import assert_nothing_left
-from .helpers import connect, echo, recv_until_eof, wait_until
+from .helpers import connect, connect_not_to_itself, echo, recv_until_eof, wait_until
 
 pytestmark = pytest.mark.backend
 
@@ -25,23 +24,6 @@ async def test_close_stops_accepting_at_once() -> None:
         await connect_not_to_itself(port)
     await server.wait_closed()
     assert_nothing_left(server)
-
-
-async def connect_not_to_itself(port: int) -> socket.socket:
-    """A connection to *port*, or ConnectionRefusedError.
-
-    The port was the kernel's to give (bind to port 0), and once free it may be given again as
-    a client's own port: a client connecting from the very port it connects to is connected to
-    itself (TCP simultaneous open) and hears its own bytes, which looks like an echo server.
-    Such a connection is no server's: it is dropped and the connect tried again (it happened
-    once under Wine 3.13, in a full run).
-    """
-    for _ in range(3):
-        sock = await connect(port)
-        if sock.getsockname() != sock.getpeername():
-            return sock  # someone accepted it: the caller's pytest.raises says so
-        sock.close()
-    raise AssertionError(f"connected to itself three times in a row on port {port}")
 
 
 async def test_wait_closed_lets_in_flight_echoes_finish() -> None:
