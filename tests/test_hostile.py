@@ -12,7 +12,7 @@ import functools
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -82,28 +82,37 @@ async def round_trips(port: int, count: int, size: int = 1024) -> list[float]:
     return times
 
 
-async def wait_until_quiet(
-    server: iocp_echo.EchoServer,
-    predicate: Callable[[], bool],
-    what: str,
-    quiet: float = 0.25,
-    timeout: float = 120.0,
+#: The greedy clients' opening burst moves hundreds of MB a second; once it is over the server
+#: receives (next to) nothing.  Less than this in one window of SETTLE_WINDOW is "over".
+SETTLED_BYTES = 1 << 20
+SETTLE_WINDOW = 0.25
+
+
+async def wait_until_settled(
+    server: iocp_echo.EchoServer, paused: int, connections: int, timeout: float = 120.0
 ) -> None:
-    """Wait until *predicate* holds and the server has received nothing for *quiet* seconds
-    (the greedy clients' opening burst is over); fail after *timeout* seconds."""
+    """Wait until *connections* are open, *paused* of them have stopped reading, and the server
+    received less than SETTLED_BYTES in the last SETTLE_WINDOW: the greedy clients are in
+    their steady state, their opening burst over.  Fail after *timeout* seconds, saying
+    which of the three did not happen."""
     deadline = time.monotonic() + timeout
-    received = -1
-    unchanged_since = time.monotonic()
+    received = server.stats().bytes_received
     while True:
-        now = time.monotonic()
-        if now > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        if server.stats().bytes_received != received:
-            received = server.stats().bytes_received
-            unchanged_since = now
-        elif predicate() and now - unchanged_since >= quiet:
+        await asyncio.sleep(SETTLE_WINDOW)
+        stats = server.stats()
+        grown, received = stats.bytes_received - received, stats.bytes_received
+        if (
+            stats.open_connections >= connections
+            and stats.reading_paused >= paused
+            and grown < SETTLED_BYTES
+        ):
             return
-        await asyncio.sleep(0.005)
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"not settled after {timeout} s: {stats.open_connections} of {connections} "
+                f"connections open, {stats.reading_paused} of {paused} paused, {grown:,} bytes "
+                f"received in the last {SETTLE_WINDOW} s (settled: < {SETTLED_BYTES:,})"
+            )
 
 
 def p99(times: list[float]) -> float:
@@ -201,15 +210,7 @@ async def test_a_thousand_flooders_and_a_thousand_slow_readers_cannot_delay_an_e
             # while the slow readers' 256 KiB each (250 MB in all) is still being echoed: on
             # one busy core that burst outlasted the pauses by over a second, and a new
             # connection's first echo waited its turn behind it.
-            await wait_until_quiet(
-                server,
-                lambda: (
-                    server.stats().reading_paused >= flooders
-                    and server.stats().open_connections >= flooders + slow_readers
-                ),
-                what="every greedy client accepted, every flooder's echo backed up and "
-                "every slow reader's message received",
-            )
+            await wait_until_settled(server, paused=flooders, connections=flooders + slow_readers)
             during = await round_trips(server.port, 50)
             grown = resident_bytes() - before
         await wait_until(lambda: server.stats().open_connections == 0, timeout=60)
